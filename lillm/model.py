@@ -1,0 +1,223 @@
+"""The lillm model: a Llama-3-style decoder on one screen.
+
+Order of the file: RMSNorm -> rotary embeddings -> KV cache -> Attention -> FeedForward -> Block -> LilLM.
+Parameter names follow Meta's Llama reference (`tok_embeddings`, `layers.{i}.attention.wq`, ...), so the
+mapping onto transformers' `LlamaForCausalLM` keys is one-to-one (see `lillm.hf`).
+
+Rotary embeddings use the "rotate half" layout (the first half of each head's dimensions pairs with the
+second half), which is what transformers' Llama computes. Meta's checkpoints pair adjacent dimensions
+instead and need a permutation of wq/wk on conversion; lillm trains in the half layout, so export and
+import are plain renames.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lillm.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm, computed in fp32 whatever the input dtype."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalising in bf16 loses most of the mantissa of small activations; upcast for the reduction.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return normed.type_as(x) * self.weight
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, each (max_seq_len, head_dim), in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (L, head_dim/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (L, head_dim)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, T, heads, head_dim) by position; cos/sin are (T, head_dim) or (B, T, head_dim)."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (n_layers, batch, n_kv_heads, max_seq_len, head_dim)."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        shape = (config.n_layers, batch_size, config.n_kv_heads, config.max_seq_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, start_pos: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, n_kv_heads, T, head_dim) at start_pos; return everything cached so far."""
+        end = start_pos + k.shape[2]
+        self.k[layer, :, :, start_pos:end] = k
+        self.v[layer, :, :, start_pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, n_kv_heads, end, head_dim)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention through PyTorch's fused scaled_dot_product_attention."""
+
+    def __init__(self, layer_id: int, config: ModelConfig) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.wq = nn.Linear(config.d_model, config.n_heads * config.head_dim, bias=False)
+        self.wk = nn.Linear(config.d_model, config.n_kv_heads * config.head_dim, bias=False)
+        self.wv = nn.Linear(config.d_model, config.n_kv_heads * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * config.head_dim, config.d_model, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        start_pos: int = 0,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, n_heads, head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
+        if cache is not None:
+            k, v = cache.update(self.layer_id, k, v, start_pos)  # (B, n_kv_heads, S, head_dim)
+        # Without an explicit mask, a multi-token call is causal and a single-token decode step sees
+        # everything cached: no mask tensor is ever built on the training path.
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=self.n_kv_heads != self.n_heads
+        )  # (B, n_heads, T, head_dim)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, d_model)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(config.d_model, config.ffn_hidden_dim, bias=False)
+        self.w2 = nn.Linear(config.ffn_hidden_dim, config.d_model, bias=False)
+        self.w3 = nn.Linear(config.d_model, config.ffn_hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then + ffn(norm(.))."""
+
+    def __init__(self, layer_id: int, config: ModelConfig) -> None:
+        super().__init__()
+        self.attention = Attention(layer_id, config)
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        start_pos: int = 0,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, start_pos, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class LilLM(nn.Module):
+    """Token ids (B, T) in, logits (B, T, vocab_size) out. The loss lives in `lillm.train.loss`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(i, config) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.output = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        # Not persistent: derived from the config, so checkpoints carry weights only.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.activation_checkpointing = False
+        """Recompute each block's activations in the backward pass instead of storing them."""
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std) for matrices, depth-scaled for the projections that write the residual.
+
+        Kept out of `__init__` so the model can be built on the meta device (or by a sharding engine)
+        and initialised afterwards; draws from torch's global RNG, which the trainer seeds.
+        """
+        std = self.config.init_std
+        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        if not self.config.tie_embeddings:
+            nn.init.normal_(self.output.weight, std=std)
+        residual_std = std / (2 * self.config.n_layers) ** 0.5  # GPT-2: each block adds two residual writes
+        for layer in self.layers:
+            for lin in (layer.attention.wq, layer.attention.wk, layer.attention.wv, layer.feed_forward.w1,
+                        layer.feed_forward.w3):
+                nn.init.normal_(lin.weight, std=std)
+            nn.init.normal_(layer.attention.wo.weight, std=residual_std)
+            nn.init.normal_(layer.feed_forward.w2.weight, std=residual_std)
+            layer.attention_norm.reset_parameters()
+            layer.ffn_norm.reset_parameters()
+        self.norm.reset_parameters()
+        cos, sin = rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        start_pos: int = 0,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits for `tokens` (B, T).
+
+        start_pos: where these tokens start in the sequence (decoding with `cache`).
+        positions: per-sequence rotary positions (B, T), for left-padded batches; default start_pos + arange(T).
+        mask: boolean (B, 1, T, S) attention mask, True where attention is allowed; default causal.
+        """
+        B, T = tokens.shape
+        h = self.tok_embeddings(tokens)  # (B, T, d_model)
+        if positions is None:
+            cos, sin = self.rope_cos[start_pos : start_pos + T], self.rope_sin[start_pos : start_pos + T]
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, head_dim)
+        cos, sin = cos.to(h.dtype), sin.to(h.dtype)
+        if mask is None and T > 1 and start_pos > 0:
+            # Chunked prefill: queries at start_pos.. see the whole cache and their own causal prefix.
+            mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=tokens.device).tril(start_pos)
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training:
+                h = checkpoint(layer, h, cos, sin, cache, start_pos, mask, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, cache, start_pos, mask)
+        return self.output(self.norm(h))  # (B, T, vocab_size)
+
+    def num_params(self) -> int:
+        """Unique parameters (tied weights counted once)."""
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,145 @@
+"""Byte-level BPE tokenizer: training, special tokens, the chat format, and a transformers-loadable save.
+
+Document policy: pretraining documents are stored as `tokens(doc) + [<|end_of_text|>]`, no BOS. The
+end-of-text token therefore also marks the start of the next document, and `prompt_ids` puts one in front
+of a generation prompt so the model sees a prompt the way it saw a document start in training.
+`<|begin_of_text|>` opens chat conversations (the Llama-3 format) and is not used in pretraining.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+from lillm.errors import UserError
+
+BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
+START_HEADER, END_HEADER, EOT = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
+SPECIAL_TOKENS = [BOS, EOS, PAD, START_HEADER, END_HEADER, EOT]
+CHAT_ROLES = ("system", "user", "assistant")
+
+# The Jinja rendering of `Tokenizer.encode_chat`, for transformers' apply_chat_template. Tokenizing this
+# string splits at the special tokens, so the ids equal lillm's piecewise encoding exactly.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+class Tokenizer:
+    """lillm's handle on a `tokenizers.Tokenizer`: special ids, encoding, decoding, chat format, save."""
+
+    def __init__(self, tok: HFTokenizer, source: str = "<memory>") -> None:
+        self.tok = tok
+        ids = {}
+        for name, token in (("bos", BOS), ("eos", EOS), ("pad", PAD), ("start_header", START_HEADER),
+                            ("end_header", END_HEADER), ("eot", EOT)):
+            ids[name] = tok.token_to_id(token)
+        missing = [t for t, i in zip(SPECIAL_TOKENS, ids.values()) if i is None]
+        if missing and ids["eos"] is None:
+            raise UserError(f"{source}: tokenizer lacks lillm's special token {EOS}")
+        self.bos_id, self.eos_id, self.pad_id = ids["bos"], ids["eos"], ids["pad"]
+        self.start_header_id, self.end_header_id, self.eot_id = ids["start_header"], ids["end_header"], ids["eot"]
+        self.has_chat_tokens = not missing
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the serialized tokenizer: equal fingerprints encode identically."""
+        return hashlib.sha256(self.tok.to_str().encode()).hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """A pretraining-style prompt: documents start after an end-of-text token (see module docstring)."""
+        return [self.eos_id, *self.encode(text)]
+
+    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> list[int]:
+        """Llama-3-style chat ids: bos, then per message header(role) + "\\n\\n" + content + eot."""
+        if not self.has_chat_tokens:
+            raise UserError("this tokenizer lacks the chat special tokens; train one with `lillm train-tokenizer`")
+        ids = [self.bos_id]
+        for i, msg in enumerate(messages):
+            role, content = msg.get("role"), msg.get("content")
+            if role not in CHAT_ROLES:
+                raise UserError(f"message {i}: unknown role {role!r}; expected one of {', '.join(CHAT_ROLES)}")
+            if not isinstance(content, str):
+                raise UserError(f"message {i}: content must be a string, got {type(content).__name__}")
+            ids += [self.start_header_id, *self.encode(role), self.end_header_id, *self.encode("\n\n" + content)]
+            ids.append(self.eot_id)
+        if add_generation_prompt:
+            ids += [self.start_header_id, *self.encode("assistant"), self.end_header_id, *self.encode("\n\n")]
+        return ids
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Write tokenizer.json and the files `transformers.AutoTokenizer.from_pretrained` reads."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.tok.save(str(out / "tokenizer.json"))
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": BOS,
+            "eos_token": EOS,
+            "pad_token": PAD,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": 1_000_000,
+            "chat_template": CHAT_TEMPLATE,
+        }
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        special = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
+        (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+        return out
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Load a tokenizer from a directory holding tokenizer.json (or the file itself)."""
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"{path}: no tokenizer.json found")
+    try:
+        tok = HFTokenizer.from_file(str(file))
+    except Exception as e:  # the Rust side raises a bare Exception on malformed files
+        raise UserError(f"{file}: not a valid tokenizer file ({e})") from None
+    return Tokenizer(tok, str(file))
+
+
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int = 8192, min_frequency: int = 2, progress: bool = True,
+    length: int | None = None,
+) -> Tokenizer:
+    """Train byte-level BPE on `texts`. The same texts in the same order give the same tokenizer."""
+    if vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
+        raise UserError(f"vocab_size={vocab_size} is too small: byte-level BPE needs at least 263")
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=progress,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=length)
+    return Tokenizer(tok)

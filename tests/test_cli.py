@@ -1,0 +1,45 @@
+from lillm.hf import export_hf
+from lillm.tokenizer import load_tokenizer
+
+from .conftest import run_cli, tiny_model
+
+
+def test_help_lists_subcommands_with_text():
+    r = run_cli("--help")
+    assert r.returncode == 0
+    for cmd in ("generate", "train-tokenizer", "prepare", "export", "checkpoint"):
+        assert cmd in r.stdout
+    r = run_cli("generate", "--help")
+    assert r.returncode == 0 and "Softmax temperature" in r.stdout and "--print_config" in r.stdout
+
+
+def test_generate_from_exported_directory(tmp_path, tokenizer_dir):
+    tok = load_tokenizer(tokenizer_dir)
+    export_hf(tiny_model(vocab_size=tok.vocab_size), tmp_path, tokenizer_dir=tokenizer_dir)
+    r = run_cli("generate", str(tmp_path), "The module", "--max_new_tokens", "8", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("The module") and len(r.stdout) > len("The module")
+    cfg = tmp_path / "gen.yaml"
+    cfg.write_text(f"model: {tmp_path}\nprompt: ['a', 'b']\nmax_new_tokens: 3\ntemperature: 0\n")
+    r = run_cli("generate", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("---") == 2
+    r = run_cli("generate", "--config", str(cfg), "--print_config")
+    assert r.returncode == 0 and "max_new_tokens: 3" in r.stdout
+
+
+def test_generate_bad_input_exits_2_without_traceback(tmp_path, tokenizer_dir):
+    tok = load_tokenizer(tokenizer_dir)
+    export_hf(tiny_model(vocab_size=tok.vocab_size, max_seq_len=32, max_batch_size=2), tmp_path,
+              tokenizer_dir=tokenizer_dir)
+    cases = [
+        (["generate", str(tmp_path / "missing"), "x"], "no such file"),
+        (["generate", str(tokenizer_dir), "x"], "not a model directory"),
+        (["generate", str(tmp_path), "word " * 100], "longer than max_seq_len=32"),
+        (["generate", str(tmp_path), '["a", "b", "c"]'], "max_batch_size=2"),
+        (["generate", str(tmp_path), "x", "--top_p", "2"], "top_p"),
+    ]
+    for args, message in cases:
+        r = run_cli(*args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert message in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -1,0 +1,75 @@
+import json
+
+import pytest
+import torch
+
+from lillm import LilLM, ModelConfig
+from lillm.errors import UserError
+from lillm.generate import SamplingConfig, generate
+from lillm.hf import export_hf, import_hf
+
+from .conftest import tiny_model
+
+transformers = pytest.importorskip("transformers")
+
+
+def _hf_model(path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    return model.eval()
+
+
+@pytest.mark.parametrize("preset", ["debug", "lil-39m"])
+def test_logits_equal_transformers_llama(tmp_path, preset):
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset(preset)
+    model = LilLM(cfg)
+    model.init_weights()
+    with torch.no_grad():  # perturb norms so their weights are exercised too
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    export_hf(model.eval(), tmp_path)
+    hf = _hf_model(tmp_path)
+    x = torch.randint(0, cfg.vocab_size, (2, 64))
+    with torch.no_grad():
+        ours, theirs = model(x), hf(x).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+
+def test_greedy_generation_equals_transformers_generate(tmp_path):
+    model = tiny_model()
+    export_hf(model, tmp_path)
+    hf = _hf_model(tmp_path)
+    prompts = [[7, 8, 9, 10, 11, 12], [40, 41, 42]]
+    ours = generate(model, prompts, SamplingConfig(max_new_tokens=12, temperature=0))
+    for p, o in zip(prompts, ours):
+        out = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, pad_token_id=0,
+                          attention_mask=torch.ones(1, len(p), dtype=torch.long))
+        assert out[0, len(p) :].tolist() == o
+    # The batch, left-padded, decodes the same as transformers' left-padded batch.
+    ids = torch.tensor([[7, 8, 9, 10, 11, 12], [0, 0, 0, 40, 41, 42]])
+    mask = torch.tensor([[1] * 6, [0, 0, 0, 1, 1, 1]])
+    out = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert out[:, 6:].tolist() == ours
+
+
+def test_import_round_trip(tmp_path):
+    model = tiny_model(tie_embeddings=False)
+    export_hf(model, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["tie_word_embeddings"] is False
+    back = import_hf(tmp_path)
+    assert back.config == model.config
+    for (n, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), n
+    x = torch.randint(0, 512, (1, 10))
+    torch.testing.assert_close(back(x), model(x))
+
+
+def test_import_refuses_foreign_directories(tmp_path):
+    with pytest.raises(UserError, match="no config.json"):
+        import_hf(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(UserError, match="model_type is 'gpt2'"):
+        import_hf(tmp_path)
