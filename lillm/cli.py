@@ -75,7 +75,111 @@ def generate(
         print(f"--- {p!r}\n{p}{tok.decode(out)}")
 
 
-COMMANDS = {"generate": generate}
+def train_tokenizer(
+    source: str,
+    out: str,
+    vocab_size: int = 8192,
+    sample_every: int = 1,
+    max_documents: int | None = None,
+    min_frequency: int = 2,
+    text_field: str = "text",
+    hf_config: str | None = None,
+    split: str = "train",
+    errors: Literal["replace", "strict"] = "replace",
+) -> None:
+    """Train a byte-level BPE tokenizer with lillm's special tokens and chat template.
+
+    Args:
+        source: 'pydoc' (built-in corpus), 'hf:NAME' (a Hugging Face dataset), or a file, folder or glob.
+        out: Directory to write (tokenizer.json and the files transformers' AutoTokenizer reads).
+        vocab_size: Vocabulary size, special tokens included.
+        sample_every: Train on every n-th document only (the reference used 0.1% of OpenWebText: 1000).
+        max_documents: Stop after this many (sampled) documents.
+        min_frequency: Merge only pairs seen at least this often.
+        text_field: Field or column holding the text (JSON, parquet, datasets).
+        hf_config: Dataset configuration for hf: sources.
+        split: Split for hf: sources and saved datasets.
+        errors: Undecodable bytes: 'replace' and count, or 'strict' to stop.
+    """
+    from lillm.data.sources import iter_texts, open_source
+    from lillm.tokenizer import train_tokenizer as train
+
+    if sample_every < 1:
+        raise UserError(f"sample_every must be >= 1, got {sample_every}")
+    src = open_source(source, text_field=text_field, hf_config=hf_config, split=split, errors=errors)
+    texts = iter_texts(src, limit=max_documents, every=sample_every)
+    tok = train(_nonempty(texts, source), vocab_size=vocab_size, min_frequency=min_frequency)
+    tok.save(out)
+    print(f"saved a {tok.vocab_size}-token tokenizer to {out} (fingerprint {tok.fingerprint[:12]}, "
+          f"{src.stats['documents']} documents read)")
+
+
+def _nonempty(texts, source: str):
+    n = 0
+    for t in texts:
+        n += 1
+        yield t
+    if n == 0:
+        raise UserError(f"source {source!r} holds no documents")
+
+
+def prepare(
+    source: str,
+    tokenizer: str,
+    out: str,
+    shard_tokens: int = 1 << 26,
+    val_fraction: float = 0.005,
+    num_workers: int = 0,
+    overwrite: bool = False,
+    text_field: str = "text",
+    hf_config: str | None = None,
+    split: str = "train",
+    streaming: bool = True,
+    errors: Literal["replace", "strict"] = "replace",
+) -> None:
+    """Tokenize a text source into binary token shards with a manifest, in parallel.
+
+    Args:
+        source: 'pydoc' (built-in corpus), 'hf:NAME' (a Hugging Face dataset), or a file, folder or glob.
+        tokenizer: Tokenizer directory (from `lillm train-tokenizer`).
+        out: Output directory for the shards, manifest.json and a copy of the tokenizer.
+        shard_tokens: Tokens per shard file (the last one of each split is shorter).
+        val_fraction: Fraction of documents (chosen by a hash of their text) for the validation split.
+        num_workers: Tokenizer processes; 0 uses every CPU core.
+        overwrite: Replace shards made with other settings (the old ones stay valid until the new manifest).
+        text_field: Field or column holding the text (JSON, parquet, datasets).
+        hf_config: Dataset configuration for hf: sources.
+        split: Split for hf: sources and saved datasets.
+        streaming: Stream hf: sources instead of downloading them first.
+        errors: Undecodable bytes: 'replace' and count, or 'strict' to stop.
+    """
+    from lillm.data.prepare import prepare as run
+    from lillm.data.sources import open_source
+
+    src = open_source(source, text_field=text_field, hf_config=hf_config, split=split, streaming=streaming,
+                      errors=errors)
+    run(src, tokenizer, out, shard_tokens=shard_tokens, val_fraction=val_fraction, num_workers=num_workers,
+        overwrite=overwrite)
+
+
+def shards(data: str, verify: bool = False) -> None:
+    """Summarize a prepared data directory; with --verify, check every shard's size and sha256.
+
+    Args:
+        data: A directory written by `lillm prepare`.
+        verify: Recompute each shard's sha256 and compare with the manifest.
+    """
+    from lillm.data.prepare import verify as check
+
+    m = check(data, checksums=verify)
+    for name, split in m["splits"].items():
+        print(f"{name}: {len(split['shards'])} shard(s), {split['tokens']:,} tokens, {split['documents']:,} documents")
+    print(f"dtype {m['dtype']}, vocab {m['tokenizer']['vocab_size']}, source {m['source']['spec']}")
+    if verify:
+        print("all shards verified")
+
+
+COMMANDS = {"generate": generate, "train-tokenizer": train_tokenizer, "prepare": prepare, "shards": shards}
 
 
 def main(argv: list[str] | None = None) -> None:

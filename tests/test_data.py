@@ -1,0 +1,328 @@
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from lillm.data.loader import PackedWindows, PretrainLoader, ShardSet, permute, validation_batches
+from lillm.data.prepare import is_val, prepare, read_manifest, verify
+from lillm.data.sources import open_source
+from lillm.errors import UserError
+from lillm.tokenizer import load_tokenizer, train_tokenizer
+
+from .conftest import REPO, run_cli
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, small_texts):
+    """The first 200 built-in documents as a .jsonl file, plus a prepared directory of them."""
+    root = tmp_path_factory.mktemp("corpus")
+    docs = small_texts[:200]
+    with open(root / "docs.jsonl", "w") as fh:
+        for d in docs:
+            fh.write(json.dumps({"text": d}) + "\n")
+    return root, docs
+
+
+@pytest.fixture(scope="module")
+def prepared(corpus, tokenizer_dir, tmp_path_factory):
+    root, docs = corpus
+    out = tmp_path_factory.mktemp("shards")
+    prepare(open_source(str(root / "docs.jsonl")), tokenizer_dir, out, shard_tokens=4096, val_fraction=0.1,
+            num_workers=2, progress=False)
+    return out
+
+
+def _decode_split(data_dir, split):
+    m = read_manifest(data_dir)
+    return np.concatenate([np.fromfile(data_dir / s["file"], dtype=m["dtype"]) for s in m["splits"][split]["shards"]])
+
+
+def test_round_trip_every_document_with_end_of_text(prepared, corpus, tokenizer_dir):
+    _, docs = corpus
+    tok = load_tokenizer(tokenizer_dir)
+    m = read_manifest(prepared)
+    for split in ("train", "val"):
+        tokens = _decode_split(prepared, split)
+        expected = [d for d in docs if is_val(d, 0.1) == (split == "val")]
+        ends = np.flatnonzero(tokens == tok.eos_id)
+        assert len(ends) == len(expected) == m["splits"][split]["documents"]
+        starts = np.concatenate([[0], ends[:-1] + 1])
+        for d, s, e in zip(expected, starts, ends):
+            assert tok.decode(tokens[s:e].tolist()) == d
+        assert len(tokens) == m["splits"][split]["tokens"] == sum(len(tok.encode(d)) + 1 for d in expected)
+    assert 0 < m["splits"]["val"]["documents"] < m["splits"]["train"]["documents"]
+    assert m["dtype"] == "uint16" and m["tokenizer"]["fingerprint"] == tok.fingerprint
+    assert all(s["tokens"] == 4096 for s in m["splits"]["train"]["shards"][:-1])
+
+
+def test_shards_are_deterministic_whatever_the_workers(prepared, corpus, tokenizer_dir, tmp_path):
+    root, _ = corpus
+    prepare(open_source(str(root / "docs.jsonl")), tokenizer_dir, tmp_path, shard_tokens=4096, val_fraction=0.1,
+            num_workers=1, progress=False)
+    a, b = read_manifest(prepared), read_manifest(tmp_path)
+    for split in ("train", "val"):
+        assert [s["sha256"] for s in a["splits"][split]["shards"]] == [s["sha256"] for s in b["splits"][split]["shards"]]
+
+
+def test_tokenizer_is_deterministic_and_loads_in_transformers(small_texts, tokenizer_dir, tmp_path):
+    again = train_tokenizer(small_texts, vocab_size=1024, progress=False).save(tmp_path)
+    assert (again / "tokenizer.json").read_bytes() == (tokenizer_dir / "tokenizer.json").read_bytes()
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok = load_tokenizer(tokenizer_dir)
+    for text in small_texts[:20] + ["héllo wörld 🙂", "  spaces\tand\nlines"]:
+        assert hf.encode(text) == tok.encode(text)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What is 2+2?"}]
+    for gen in (False, True):
+        ids = hf.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        assert list(ids) == tok.encode_chat(msgs, add_generation_prompt=gen)
+
+
+def test_permutation_is_a_bijection():
+    for n in (1, 2, 7, 1000, 4097):
+        for epoch in (0, 1):
+            p = permute(np.arange(n), n, seed=3, epoch=epoch)
+            assert sorted(p.tolist()) == list(range(n))
+    assert not np.array_equal(permute(np.arange(1000), 1000, 3, 0), permute(np.arange(1000), 1000, 3, 1))
+
+
+def _collect(loader, batches):
+    out = []
+    for i, b in enumerate(loader):
+        out.append(b)
+        if i + 1 == batches:
+            break
+    return out
+
+
+@pytest.fixture(scope="module")
+def numbered(tmp_path_factory):
+    """Synthetic shards whose tokens count up, so a window's first token names it: 3 shards, 1247 windows."""
+    from lillm.data.prepare import ShardWriter, _write_json_atomic
+
+    out = tmp_path_factory.mktemp("numbered")
+    w = ShardWriter(out, "train", "0000abcd", 8000, np.dtype(np.uint16), eos_id=65535)
+    w.add(np.arange(20000, dtype=np.uint16))
+    w.flush()
+    _write_json_atomic(out / "manifest.json", {
+        "format_version": 1, "dtype": "uint16", "splits": {"train": w.summary()},
+        "tokenizer": {"fingerprint": "synthetic", "vocab_size": 65535},
+    })
+    return out
+
+
+@pytest.mark.parametrize("world,workers", [(1, 0), (1, 2), (2, 1), (2, 3), (3, 2)])
+def test_ranks_and_workers_cover_each_epoch_exactly_once(numbered, world, workers):
+    shards = ShardSet(numbered)
+    seq, bsz = 16, 4
+    n = PackedWindows(shards, seq, bsz).num_windows
+    assert n == 2 * (7999 // 16) + 3999 // 16
+    batches = -(-2 * n // (bsz * world))  # a little over two epochs
+    seen = []
+    for rank in range(world):
+        loader = PretrainLoader(shards, seq, bsz, rank, world, seed=5, num_workers=workers)
+        seen.append([b for b in _collect(loader, batches)])
+    # Interleave ranks in global micro-batch order and name each window by its start offset.
+    stream = [int(row[0]) for m in range(batches) for r in range(world) for row in seen[r][m]]
+    starts = {int(shards.tokens[:i].sum()) + j * seq for i in range(3) for j in range((shards.tokens[i] - 1) // seq)}
+    assert sorted(stream[:n]) == sorted(starts)  # epoch 0: every window once, on exactly one rank
+    assert sorted(stream[n : 2 * n]) == sorted(starts)  # epoch 1: again, in a new order
+    assert stream[:n] != stream[n : 2 * n]
+    for r in range(world):  # ranks are disjoint within the epoch
+        for r2 in range(r + 1, world):
+            mine = {int(x[0]) for b in seen[r] for x in b}
+            theirs = {int(x[0]) for b in seen[r2] for x in b}
+            assert len(mine) > 0 and (mine & theirs) <= set(stream[n:])
+    row = seen[0][0][0]
+    assert len(row) == seq + 1 and (np.diff(row.numpy()) == 1).all()  # contiguous seq_len + 1 tokens
+
+
+def test_global_stream_matches_rank_assignment(prepared):
+    shards = ShardSet(prepared)
+    seq, bsz, world = 32, 3, 2
+    glob = PackedWindows(shards, seq, bsz, seed=1)
+    stream = glob.window_ids(np.arange(60))
+    for rank in range(world):
+        loader = PretrainLoader(shards, seq, bsz, rank, world, seed=1, num_workers=2)
+        got = _collect(loader, 5)
+        for m, batch in enumerate(got):
+            q = m * world + rank
+            expect = [glob.read(int(w)) for w in stream[q * bsz : (q + 1) * bsz]]
+            assert np.array_equal(batch.numpy(), np.stack(expect))
+
+
+def _stream(shards, world, batches_per_rank, state=None):
+    """Run `world` ranks for some micro-batches; return the global stream of windows and the state."""
+    loaders = [PretrainLoader(shards, 16, 2, r, world, seed=9, num_workers=1) for r in range(world)]
+    if state is not None:
+        for ld in loaders:
+            ld.load_state_dict(state)
+    per_rank = [_collect(ld, batches_per_rank) for ld in loaders]
+    stream = []
+    for m in range(batches_per_rank):
+        for r in range(world):
+            stream.extend(tuple(x.tolist()) for x in per_rank[r][m])
+    return stream, loaders[0].state_dict()
+
+
+@pytest.mark.parametrize("before,after", [(1, 1), (2, 2), (2, 1), (1, 2), (3, 2)])
+def test_resume_continues_the_global_stream_at_any_world_size(prepared, before, after):
+    shards = ShardSet(prepared)
+    reference, _ = _stream(shards, 1, 36)
+    first, state = _stream(shards, before, 12 // before)
+    assert state["position"] == 24
+    second, _ = _stream(shards, after, 12 // after, state)
+    assert first + second == reference[:48]
+
+
+def test_validation_batches_are_fixed(prepared):
+    shards = ShardSet(prepared, "val")
+    a = list(validation_batches(shards, 16, 2, 3))
+    b = list(validation_batches(shards, 16, 2, 3))
+    assert len(a) == 3 and all((x == y).all() for x, y in zip(a, b))
+
+
+def _accelerate_worker(data_dir, out_dir):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+    from torch.utils.data import DataLoader
+
+    acc = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(dispatch_batches=False, split_batches=False))
+    ds = PackedWindows(ShardSet(data_dir), 16, 2, seed=4)  # rank 0 of 1: accelerate shards it
+    loader = acc.prepare(DataLoader(ds, batch_size=2))
+    rows = []
+    for i, batch in enumerate(loader):
+        rows.extend(batch.tolist())
+        if i == 9:
+            break
+    with open(os.path.join(out_dir, f"rank{acc.process_index}.json"), "w") as fh:
+        json.dump(rows, fh)
+
+
+def test_accelerate_two_processes_read_each_window_once(prepared, tmp_path):
+    script = tmp_path / "acc.py"
+    script.write_text(
+        "import sys\nsys.path.insert(0, %r)\nfrom tests.test_data import _accelerate_worker\n"
+        "_accelerate_worker(%r, %r)\n" % (str(REPO), str(prepared), str(tmp_path))
+    )
+    # torchrun sets RANK/WORLD_SIZE; accelerate's Accelerator(cpu=True) then runs multi-CPU over gloo.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    ds = PackedWindows(ShardSet(prepared), 16, 2, seed=4)
+    stream = [ds.read(int(w)).tolist() for w in ds.window_ids(np.arange(40))]
+    # Same assignment as the native path: micro-batch q goes to rank q % 2.
+    for rank in range(2):
+        expect = [stream[q * 2 + j] for q in range(rank, 20, 2) for j in range(2)]
+        assert rows[rank] == expect
+    flat = [tuple(r) for rk in rows for r in rk]
+    assert len(set(flat)) == len(flat) == 40
+
+
+def test_bad_inputs(tmp_path, tokenizer_dir, prepared):
+    cases = []
+    (tmp_path / "empty.txt").write_text("")
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"text": "ok"}\n{"text": oops}\n')
+    no_field = tmp_path / "nofield.jsonl"
+    no_field.write_text('{"body": "x"}\n')
+    cases.append((["prepare", str(tmp_path / "missing.jsonl"), str(tokenizer_dir), str(tmp_path / "o1")], "no such file"))
+    cases.append((["prepare", str(bad_json), str(tokenizer_dir), str(tmp_path / "o2")], "bad.jsonl:2: invalid JSON"))
+    cases.append((["prepare", str(no_field), str(tokenizer_dir), str(tmp_path / "o3")], "no text field 'text'"))
+    emptydir = tmp_path / "emptycorpus"
+    emptydir.mkdir()
+    (emptydir / "a.jsonl").write_text("")
+    cases.append((["prepare", str(emptydir), str(tokenizer_dir), str(tmp_path / "o4")], "holds no documents"))
+    cases.append((["train-tokenizer", str(emptydir), str(tmp_path / "t")], "holds no documents"))
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"caf\xe9 ok")
+    cases.append((["prepare", str(binary), str(tokenizer_dir), str(tmp_path / "o5"), "--errors", "strict"],
+                  "undecodable bytes"))
+    for args, msg in cases:
+        r = run_cli(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "o4" / "manifest.json").exists()
+    # replace policy: counted, not fatal
+    r = run_cli("prepare", str(binary), str(tokenizer_dir), str(tmp_path / "o6"), "--val_fraction", "0")
+    assert r.returncode == 0 and "undecodable bytes replaced" in r.stdout
+    assert read_manifest(tmp_path / "o6")["totals"]["replaced_documents"] == 1
+
+
+def test_manifest_guards(prepared, tmp_path, small_texts):
+    import shutil
+
+    other = train_tokenizer(small_texts[:50], vocab_size=600, progress=False)
+    with pytest.raises(UserError, match="another tokenizer"):
+        ShardSet(prepared, tokenizer=other)
+    with pytest.raises(UserError, match="not enough for one window"):
+        PackedWindows(ShardSet(prepared, "val"), 100_000, 1)
+    broken = tmp_path / "broken"
+    shutil.copytree(prepared, broken)
+    m = read_manifest(broken)
+    shard = broken / m["splits"]["train"]["shards"][0]["file"]
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    verify(broken, checksums=False)  # same size: only the checksum sees it
+    r = run_cli("shards", str(broken), "--verify", "true")
+    assert r.returncode == 2 and "sha256 mismatch" in r.stderr
+    shard.write_bytes(bytes(data[:-2]))
+    r = run_cli("shards", str(broken))
+    assert r.returncode == 2 and "size" in r.stderr
+    r = run_cli("prepare", "hf:" + str(tmp_path / "nope"), "x", str(tmp_path / "o"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_hub_code_path_on_local_files(corpus, tokenizer_dir, tmp_path):
+    root, docs = corpus
+    hub = tmp_path / "hubdata"
+    hub.mkdir()
+    (hub / "train.jsonl").write_text((root / "docs.jsonl").read_text())
+    src = open_source("hf:" + str(hub), split="train", streaming=True)
+    assert list(src) == docs
+    import datasets
+
+    datasets.Dataset.from_dict({"text": docs[:10]}).to_parquet(str(tmp_path / "p.parquet"))
+    assert list(open_source(str(tmp_path / "p.parquet"))) == docs[:10]
+    datasets.Dataset.from_dict({"text": docs[:5]}).save_to_disk(str(tmp_path / "saved"))
+    assert list(open_source(str(tmp_path / "saved"))) == docs[:5]
+
+
+def test_interrupted_prepare_leaves_no_manifest_and_reruns_cleanly(tokenizer_dir, tmp_path):
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(40):
+        (big / f"{i:03d}.txt").write_text(("lorem ipsum dolor sit amet %d " % i) * 20000)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "lillm.cli", "prepare", str(big), str(tokenizer_dir), str(out),
+           "--shard_tokens", "20000", "--num_workers", "1"]
+    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(out.glob("train-*.bin")):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert any(out.glob("*.bin")) and not (out / "manifest.json").exists()
+    r = run_cli("prepare", str(big), str(tokenizer_dir), str(out), "--shard_tokens", "20000")
+    assert r.returncode == 0, r.stderr
+    m = verify(out)
+    named = {s["file"] for sp in m["splits"].values() for s in sp["shards"]}
+    assert {f.name for f in out.glob("*.bin*")} == named
+    r = run_cli("prepare", str(big), str(tokenizer_dir), str(out), "--shard_tokens", "20000")
+    assert r.returncode == 0 and "already prepared" in r.stdout
+    r = run_cli("prepare", str(big), str(tokenizer_dir), str(out), "--shard_tokens", "30000")
+    assert r.returncode == 2 and "--overwrite" in r.stderr
+    assert verify(out) == m  # nothing lost
+
+
+del mp
