@@ -67,7 +67,8 @@ def test_shards_are_deterministic_whatever_the_workers(prepared, corpus, tokeniz
             num_workers=1, progress=False)
     a, b = read_manifest(prepared), read_manifest(tmp_path)
     for split in ("train", "val"):
-        assert [s["sha256"] for s in a["splits"][split]["shards"]] == [s["sha256"] for s in b["splits"][split]["shards"]]
+        hashes = [[s["sha256"] for s in m["splits"][split]["shards"]] for m in (a, b)]
+        assert hashes[0] == hashes[1]
 
 
 def test_tokenizer_is_deterministic_and_loads_in_transformers(small_texts, tokenizer_dir, tmp_path):
@@ -185,9 +186,12 @@ def test_resume_continues_the_global_stream_at_any_world_size(prepared, before, 
 
 def test_validation_batches_are_fixed(prepared):
     shards = ShardSet(prepared, "val")
-    a = list(validation_batches(shards, 16, 2, 3))
-    b = list(validation_batches(shards, 16, 2, 3))
-    assert len(a) == 3 and all((x == y).all() for x, y in zip(a, b))
+    a = list(validation_batches(shards, 16, 2, 5))
+    b = list(validation_batches(shards, 16, 2, 5))
+    assert len(a) == 5 and all((x == y).all() for x, y in zip(a, b))
+    split = [list(validation_batches(shards, 16, 2, 5, rank, 2)) for rank in range(2)]
+    assert len(split[0]) == 3 and len(split[1]) == 2
+    assert all((x == y).all() for x, y in zip(a, [split[q % 2][q // 2] for q in range(5)]))
 
 
 def _accelerate_worker(data_dir, out_dir):
@@ -210,8 +214,8 @@ def _accelerate_worker(data_dir, out_dir):
 def test_accelerate_two_processes_read_each_window_once(prepared, tmp_path):
     script = tmp_path / "acc.py"
     script.write_text(
-        "import sys\nsys.path.insert(0, %r)\nfrom tests.test_data import _accelerate_worker\n"
-        "_accelerate_worker(%r, %r)\n" % (str(REPO), str(prepared), str(tmp_path))
+        f"import sys\nsys.path.insert(0, {str(REPO)!r})\nfrom tests.test_data import _accelerate_worker\n"
+        f"_accelerate_worker({str(prepared)!r}, {str(tmp_path)!r})\n"
     )
     # torchrun sets RANK/WORLD_SIZE; accelerate's Accelerator(cpu=True) then runs multi-CPU over gloo.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)]
@@ -235,7 +239,8 @@ def test_bad_inputs(tmp_path, tokenizer_dir, prepared):
     bad_json.write_text('{"text": "ok"}\n{"text": oops}\n')
     no_field = tmp_path / "nofield.jsonl"
     no_field.write_text('{"body": "x"}\n')
-    cases.append((["prepare", str(tmp_path / "missing.jsonl"), str(tokenizer_dir), str(tmp_path / "o1")], "no such file"))
+    missing = str(tmp_path / "missing.jsonl")
+    cases.append((["prepare", missing, str(tokenizer_dir), str(tmp_path / "o1")], "no such file"))
     cases.append((["prepare", str(bad_json), str(tokenizer_dir), str(tmp_path / "o2")], "bad.jsonl:2: invalid JSON"))
     cases.append((["prepare", str(no_field), str(tokenizer_dir), str(tmp_path / "o3")], "no text field 'text'"))
     emptydir = tmp_path / "emptycorpus"

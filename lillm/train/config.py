@@ -1,0 +1,146 @@
+"""Training configuration: typed dataclasses whose docstrings become `--help` text."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from lillm.errors import UserError
+
+
+@dataclass
+class DataConfig:
+    """Where the token shards are and how they are read."""
+
+    dir: str = "data/pydoc"
+    """Directory written by `lillm prepare` (holds manifest.json and the tokenizer)."""
+    shuffle: bool = True
+    """Shuffle windows each epoch (deterministically, by seed and epoch); false reads in order."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank (0 reads in the training process)."""
+    verify: bool = False
+    """Check every shard's sha256 against the manifest before training."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, batch arithmetic, schedule, evaluation, checkpointing and logging."""
+
+    run_dir: str = "runs/debug"
+    """Directory for checkpoints, TensorBoard events and the resolved config."""
+    micro_batch_size: int = 8
+    """Sequences per rank per forward/backward pass."""
+    grad_accum: int = 0
+    """Micro-batches accumulated per optimizer step; 0 derives it from global_batch_tokens."""
+    global_batch_tokens: int = 0
+    """Tokens per optimizer step across all ranks; 0 derives it from grad_accum."""
+    seq_len: int = 0
+    """Tokens per training sequence; 0 uses the model's max_seq_len."""
+    max_steps: int = 0
+    """Optimizer steps to train; 0 derives them from max_tokens."""
+    max_tokens: int = 0
+    """Token budget, used when max_steps is 0."""
+    lr: float = 6e-4
+    """Peak learning rate (AdamW)."""
+    min_lr: float = 6e-5
+    """Learning rate at the end of the decay."""
+    warmup_steps: int = 2000
+    """Linear warmup steps from 0 to lr."""
+    schedule: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
+    """Decay after warmup: cosine or linear to min_lr at the last step, warmup-stable-decay, or constant."""
+    decay_fraction: float = 0.2
+    """For wsd: the final fraction of steps over which lr decays linearly to min_lr."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices only (not norms)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables."""
+    seed: int = 1337
+    """Seed of weight initialisation, data order and sampling."""
+    log_interval: int = 10
+    """Steps between console lines and TensorBoard scalars."""
+    eval_interval: int = 250
+    """Steps between validation runs (and a text sample); 0 disables."""
+    eval_batches: int = 20
+    """Validation micro-batches per evaluation, in total (split across ranks; the same set at any world size)."""
+    sample_prompt: str = "The"
+    """Prompt of the text sample generated at evaluation time."""
+    sample_tokens: int = 48
+    """Tokens of the evaluation-time text sample; 0 disables samples."""
+    ckpt_interval: int = 1000
+    """Steps between checkpoints (one is always written at the end and on SIGTERM/SIGINT)."""
+    keep_checkpoints: int = 3
+    """Most recent checkpoints to keep; older ones are deleted."""
+    resume: str = "auto"
+    """'auto' (latest in run_dir, if any), 'none', a checkpoint tag, or a checkpoint path."""
+    activation_checkpointing: bool = False
+    """Recompute block activations in the backward pass to save memory."""
+    compile: bool = False
+    """Compile the model with torch.compile."""
+    peak_tflops: float = 0.0
+    """Peak dense TFLOP/s per device for MFU; 0 detects A100/H100/H200 (bf16) and skips MFU elsewhere."""
+    max_bad_steps: int = 0
+    """Micro-batches with a NaN/inf loss to skip before stopping; 0 stops at the first."""
+    tensorboard: bool = True
+    """Write TensorBoard events under run_dir/tensorboard."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("micro_batch_size", "log_interval", "eval_batches", "ckpt_interval", "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("grad_accum", "global_batch_tokens", "seq_len", "max_steps", "max_tokens", "warmup_steps",
+                     "eval_interval", "sample_tokens", "max_bad_steps"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_steps == 0 and self.max_tokens == 0:
+            problems.append("set max_steps or max_tokens")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            problems.append(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr} min_lr={self.min_lr}")
+        if not 0 < self.decay_fraction <= 1:
+            problems.append(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            problems.append("grad_clip and weight_decay must be >= 0")
+        if problems:
+            raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+
+
+@dataclass
+class BatchPlan:
+    """The resolved batch arithmetic of a run."""
+
+    micro_batch_size: int
+    seq_len: int
+    grad_accum: int
+    world_size: int
+    max_steps: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro_batch_size * self.seq_len * self.grad_accum * self.world_size
+
+
+def plan_batches(train: TrainConfig, seq_len: int, world_size: int) -> BatchPlan:
+    """Global batch = micro x seq_len x accumulation x world size; derive and check whichever is missing."""
+    per_micro = train.micro_batch_size * seq_len * world_size
+    accum = train.grad_accum
+    if train.global_batch_tokens:
+        if train.global_batch_tokens % per_micro:
+            raise UserError(
+                f"global_batch_tokens={train.global_batch_tokens} is not a multiple of micro_batch_size x seq_len x "
+                f"world_size = {train.micro_batch_size} x {seq_len} x {world_size} = {per_micro}"
+            )
+        derived = train.global_batch_tokens // per_micro
+        if accum and accum != derived:
+            raise UserError(
+                f"grad_accum={accum} disagrees with global_batch_tokens={train.global_batch_tokens} "
+                f"(which needs grad_accum={derived} at world size {world_size})"
+            )
+        accum = derived
+    accum = accum or 1
+    steps = train.max_steps or math.ceil(train.max_tokens / (per_micro * accum))
+    return BatchPlan(train.micro_batch_size, seq_len, accum, world_size, steps)

@@ -1,0 +1,104 @@
+"""Filling and checking the DeepSpeed JSON: every number has one source, the training config.
+
+Batch sizes, accumulation, clipping and optimizer hyperparameters may be "auto" (or absent) in the JSON
+and are filled from the training config; a literal value that disagrees is an error, as is a key
+DeepSpeed does not know or an LR scheduler (lillm owns the schedule).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from lillm.errors import UserError
+from lillm.train.config import BatchPlan, TrainConfig
+
+KNOWN_KEYS = {
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer", "scheduler",
+    "fp16", "bf16", "amp", "torch_autocast", "gradient_clipping", "prescale_gradients", "gradient_predivide_factor",
+    "sparse_gradients", "zero_optimization", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
+    "steps_per_print", "wall_clock_breakdown", "memory_breakdown", "dump_state", "flops_profiler",
+    "activation_checkpointing", "aio", "tensorboard", "wandb", "csv_monitor", "comet", "communication_data_type",
+    "seq_parallel_communication_data_type", "data_types", "compile", "checkpoint", "elasticity", "autotuning",
+    "data_efficiency", "curriculum_learning", "pipeline", "comms_logger", "timers", "disable_allgather",
+    "graph_harvesting", "use_data_before_expert_parallelism", "nebula", "compression_training",
+}
+ZERO_KEYS = {
+    "stage", "contiguous_gradients", "reduce_scatter", "reduce_bucket_size", "allgather_partitions",
+    "allgather_bucket_size", "overlap_comm", "load_from_fp32_weights", "elastic_checkpoint", "offload_param",
+    "offload_optimizer", "sub_group_size", "cpu_offload", "cpu_offload_params", "cpu_offload_use_pin_memory",
+    "prefetch_bucket_size", "stage3_prefetch_bucket_size", "param_persistence_threshold",
+    "stage3_param_persistence_threshold", "model_persistence_threshold", "max_live_parameters",
+    "stage3_max_live_parameters", "max_reuse_distance", "stage3_max_reuse_distance",
+    "gather_16bit_weights_on_model_save", "stage3_gather_16bit_weights_on_model_save", "round_robin_gradients",
+    "zero_hpz_partition_size", "zero_quantized_weights", "zero_quantized_nontrainable_weights",
+    "zero_quantized_gradients", "mics_shard_size", "mics_hierarchical_params_gather", "memory_efficient_linear",
+    "pipeline_loading_checkpoint", "override_module_apply", "ignore_unused_parameters", "legacy_stage1",
+    "log_trace_cache_warnings", "use_multi_rank_bucket_allreduce",
+}
+
+
+def load_ds_config(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"ds_config {p}: no such file")
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"ds_config {p}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"ds_config {p}: expected a JSON object")
+    return cfg
+
+
+def _fill(cfg: dict, key: str, value: Any, where: str) -> None:
+    current = cfg.get(key, "auto")
+    if current == "auto":
+        cfg[key] = value
+    elif (list(current) if isinstance(current, (list, tuple)) else current) != (
+        list(value) if isinstance(value, (list, tuple)) else value
+    ):
+        raise UserError(f"ds_config {where}{key}={current!r} conflicts with the training config ({value!r}); "
+                        f'set it to "auto" and configure it in the training config')
+
+
+def fill_ds_config(raw: dict[str, Any], train: TrainConfig, plan: BatchPlan, source: str = "") -> dict[str, Any]:
+    """A copy of `raw` with every "auto" filled from `train`/`plan`, after checking it."""
+    cfg = copy.deepcopy(raw)
+    unknown = sorted(set(cfg) - KNOWN_KEYS)
+    if unknown:
+        raise UserError(f"ds_config {source}: unknown keys {unknown}")
+    zero = cfg.get("zero_optimization", {})
+    unknown = sorted(set(zero) - ZERO_KEYS)
+    if unknown:
+        raise UserError(f"ds_config {source}: unknown zero_optimization keys {unknown}")
+    if "scheduler" in cfg:
+        raise UserError(f"ds_config {source}: remove 'scheduler'; lillm sets the learning rate (train.schedule)")
+    if cfg.get("bf16", {}).get("enabled") and cfg.get("fp16", {}).get("enabled"):
+        raise UserError(f"ds_config {source}: bf16 and fp16 are both enabled")
+    _fill(cfg, "train_micro_batch_size_per_gpu", plan.micro_batch_size, "")
+    _fill(cfg, "gradient_accumulation_steps", plan.grad_accum, "")
+    _fill(cfg, "train_batch_size", plan.micro_batch_size * plan.grad_accum * plan.world_size, "")
+    _fill(cfg, "gradient_clipping", train.grad_clip, "")
+    opt = cfg.setdefault("optimizer", {"type": "AdamW"})
+    if str(opt.get("type", "")).lower() not in ("adamw", "adam"):
+        raise UserError(f"ds_config {source}: optimizer type {opt.get('type')!r}; lillm trains with AdamW")
+    params = opt.setdefault("params", {})
+    for key, value in (("lr", train.lr), ("betas", list(train.betas)), ("eps", train.eps),
+                       ("weight_decay", train.weight_decay)):
+        _fill(params, key, value, "optimizer.params.")
+    if opt["type"].lower() == "adam":
+        params.setdefault("adam_w_mode", True)
+    cfg.setdefault("steps_per_print", 10**9)  # lillm logs; keep DeepSpeed's own step lines out of the console
+    return cfg
+
+
+def precision(cfg: dict[str, Any]) -> str:
+    """'bf16', 'fp16' or 'fp32', as the DeepSpeed config says."""
+    if cfg.get("bf16", {}).get("enabled"):
+        return "bf16"
+    if cfg.get("fp16", {}).get("enabled"):
+        return "fp16"
+    return "fp32"

@@ -1,0 +1,77 @@
+"""Rank-aware logging and metrics: one logger that speaks on rank 0, a small writer interface."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import torch
+
+# Dense bf16 peak TFLOP/s per device, by a substring of torch.cuda.get_device_name().
+PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A800": 312.0, "L4": 121.0,
+               "A10G": 125.0, "4090": 165.0}
+
+
+def get_logger(rank: int) -> logging.Logger:
+    """The `lillm` logger: INFO on rank 0, warnings only elsewhere."""
+    log = logging.getLogger("lillm")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    return log
+
+
+def detect_peak_tflops(configured: float) -> float:
+    """Peak TFLOP/s per device for MFU: the configured value, else a known GPU's, else 0 (no MFU)."""
+    if configured > 0:
+        return configured
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, value in PEAK_TFLOPS.items():
+            if key in name:
+                return value
+    return 0.0
+
+
+class MetricsWriter:
+    """TensorBoard on rank 0 when enabled; a no-op everywhere else."""
+
+    def __init__(self, log_dir: str | None) -> None:
+        self.tb = None
+        if log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.tb is not None:
+            self.tb.add_text(tag, text, step)
+
+    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+        if self.tb is not None:
+            clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
+            self.tb.add_hparams(clean, metrics, run_name=".")
+
+    def flush(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
