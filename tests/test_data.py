@@ -307,7 +307,7 @@ def test_interrupted_prepare_leaves_no_manifest_and_reruns_cleanly(tokenizer_dir
     big = tmp_path / "big"
     big.mkdir()
     for i in range(40):
-        (big / f"{i:03d}.txt").write_text(("lorem ipsum dolor sit amet %d " % i) * 20000)
+        (big / f"{i:03d}.txt").write_text(f"lorem ipsum dolor sit amet {i} " * 20000)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "lillm.cli", "prepare", str(big), str(tokenizer_dir), str(out),
            "--shard_tokens", "20000", "--num_workers", "1"]
