@@ -179,13 +179,71 @@ def shards(data: str, verify: bool = False) -> None:
         print("all shards verified")
 
 
-COMMANDS = {"generate": generate, "train-tokenizer": train_tokenizer, "prepare": prepare, "shards": shards}
+def export(
+    checkpoint: str,
+    out: str,
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+) -> None:
+    """Consolidate a ZeRO checkpoint into a transformers (Llama) directory with the tokenizer.
+
+    Args:
+        checkpoint: A training run directory (its latest checkpoint), a checkpoints directory or a tag directory.
+        out: Directory to write config.json, model.safetensors, generation_config.json and the tokenizer.
+        dtype: Dtype of the written weights (consolidation itself is in fp32).
+    """
+    from pathlib import Path
+
+    from lillm.hf import export_hf
+    from lillm.loading import DTYPES
+    from lillm.train.checkpoint import load_model_from_checkpoint, resolve_checkpoint
+
+    tag_dir = resolve_checkpoint(checkpoint)
+    if tag_dir is None:
+        raise UserError(f"{checkpoint}: no checkpoint found")
+    model, tok = load_model_from_checkpoint(tag_dir)
+    if tok is None:
+        raise UserError(f"{checkpoint}: the run directory holds no tokenizer/")
+    export_hf(model, Path(out), tokenizer_dir=tok, dtype=DTYPES[dtype])
+    print(f"exported {tag_dir} ({model.num_params():,} parameters) to {out}")
+
+
+def checkpoint(path: str, convert_universal: bool = False) -> None:
+    """Inspect a training checkpoint; optionally convert it to DeepSpeed's universal format.
+
+    Args:
+        path: A run directory, a checkpoints directory or a tag directory.
+        convert_universal: Write TAG_universal next to it, loadable at any world size.
+    """
+    import json
+
+    from lillm.train.checkpoint import convert_to_universal, read_meta, resolve_checkpoint
+
+    tag_dir = resolve_checkpoint(path)
+    if tag_dir is None:
+        raise UserError(f"{path}: no checkpoint found")
+    meta = read_meta(tag_dir)
+    tags = sorted(d.name for d in tag_dir.parent.iterdir() if d.is_dir() and d.name.startswith("step_"))
+    print(f"checkpoint {tag_dir}\n  step {meta['step']}, saved by {meta['world_size']} rank(s)")
+    print(f"  tokenizer fingerprint {meta['tokenizer_fingerprint'][:12]}")
+    print(f"  model {json.dumps(meta['model_config'])}")
+    print(f"  tags in {tag_dir.parent}: {', '.join(tags)}")
+    if convert_universal:
+        print(f"  universal: {convert_to_universal(tag_dir)}")
+
+
+COMMANDS = {"generate": generate, "train-tokenizer": train_tokenizer, "prepare": prepare, "shards": shards,
+            "export": export, "checkpoint": checkpoint}
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `lillm` console script."""
+    import os
+
+    import torch
     from jsonargparse import CLI
 
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # spares every command DeepSpeed's detection warning
     try:
         CLI(COMMANDS, args=argv, prog="lillm", description="lillm: train and use small Llama-3-style models.")
     except UserError as e:

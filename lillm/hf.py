@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from lillm.config import ModelConfig
 from lillm.errors import UserError
 from lillm.model import LilLM
+from lillm.tokenizer import Tokenizer, load_tokenizer
 
 _LAYER_KEYS = {
     "attention.wq.weight": "self_attn.q_proj.weight",
@@ -91,20 +92,18 @@ def hf_config(config: ModelConfig, special_ids: dict[str, int | None] | None = N
 def export_hf(
     model: LilLM,
     out_dir: str | os.PathLike,
-    tokenizer_dir: str | os.PathLike | None = None,
+    tokenizer_dir: str | os.PathLike | Tokenizer | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Write a directory that `AutoModelForCausalLM.from_pretrained` loads as `LlamaForCausalLM`.
 
-    With `tokenizer_dir`, the tokenizer files are copied alongside and its special ids recorded.
+    With a tokenizer (or its directory), its files are saved alongside and its special ids recorded.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     special_ids = None
     if tokenizer_dir is not None:
-        from lillm.tokenizer import load_tokenizer
-
-        tok = load_tokenizer(tokenizer_dir)
+        tok = tokenizer_dir if isinstance(tokenizer_dir, Tokenizer) else load_tokenizer(tokenizer_dir)
         special_ids = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id}
         tok.save(out)
     tensors = {}

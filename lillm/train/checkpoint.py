@@ -167,9 +167,13 @@ class Checkpointer:
 
 def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     """fp32 weights gathered from a ZeRO checkpoint's optimizer shards (any world size)."""
+    import contextlib
+    import io
+
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed narrates every shard it reads
+        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     return {k.removeprefix("_orig_mod."): v for k, v in state.items()}
 
 

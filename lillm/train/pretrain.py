@@ -114,6 +114,22 @@ def param_groups(model: LilLM, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_optimizer(ds_cfg: dict[str, Any], groups: list[dict[str, Any]], device: torch.device):
+    """torch's AdamW, built here from the (filled) ds_config "optimizer" section, which is then removed.
+
+    Why not DeepSpeed's own FusedAdam/CPU Adam: it keeps beta^t as a running product and recomputes it with
+    pow() after a resume, which differs in the last bit, so a resumed run drifts from the uninterrupted one.
+    torch's AdamW derives the bias correction from the step count alone: resumes are bit-identical. With
+    optimizer offload, ZeRO needs DeepSpeed's CPU Adam, so the JSON's optimizer is left to DeepSpeed.
+    """
+    offload = ds_cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if offload not in (None, "none"):
+        return None
+    params = ds_cfg.pop("optimizer")["params"]
+    return torch.optim.AdamW(groups, lr=params["lr"], betas=tuple(params["betas"]), eps=params["eps"],
+                             weight_decay=params["weight_decay"], fused=device.type in ("cuda", "cpu"))
+
+
 def _all_reduce(values: list[float], device: torch.device, op: Any = None) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
@@ -179,9 +195,12 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
     model = LilLM(model_cfg)
     model.init_weights()
     model.activation_checkpointing = train.activation_checkpointing
+    groups = param_groups(model, train.weight_decay)
+    client_optimizer = build_optimizer(ds_cfg, groups, device)
     try:
-        engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(
-            model, train.weight_decay), config=ds_cfg)
+        engine, optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=client_optimizer, model_parameters=None if client_optimizer else groups,
+            config=ds_cfg)
     except (ValueError, TypeError, AssertionError) as e:  # pydantic validation of the JSON, bad combinations
         raise UserError(f"DeepSpeed rejected {cfg.ds_config}: {e}") from None
     if train.compile:

@@ -1,0 +1,243 @@
+"""End to end through the real `deepspeed` launcher on 2 CPU ranks. Launches are shared between assertions."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lillm.data.prepare import prepare
+from lillm.data.sources import open_source
+
+from .conftest import REPO, run_cli
+
+pytestmark = pytest.mark.slow
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_CBWR": "AUTO,STRICT"}
+
+
+def _args(data: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
+    return ["launch/pretrain.py", "--config", "launch/configs/debug.yaml", "--ds_config", "ds_configs/zero2_cpu.json",
+            "--data.dir", str(data), "--train.run_dir", str(run_dir), "--model.vocab_size", "1024",
+            "--train.max_steps", str(steps), "--train.log_interval", "1", "--train.eval_interval", "6",
+            "--train.eval_batches", "2", "--train.sample_tokens", "8", "--train.ckpt_interval", "6",
+            "--train.warmup_steps", "4", "--train.micro_batch_size", "4", "--train.seq_len", "64", *extra]
+
+
+def launch(data, run_dir, steps, *extra, ranks=2, timeout=600) -> subprocess.CompletedProcess:
+    if ranks == 1:
+        cmd = [sys.executable, *_args(data, run_dir, steps, *extra)]
+    else:
+        cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(29500 + os.getpid() % 1000),
+               *_args(data, run_dir, steps, *extra)]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tokenizer_dir, small_texts):
+    out = tmp_path_factory.mktemp("pretrain_data")
+    src = out / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in small_texts))
+    prepare(open_source(str(src)), tokenizer_dir, out / "shards", shard_tokens=50_000, val_fraction=0.1,
+            num_workers=1, progress=False)
+    return out / "shards"
+
+
+@pytest.fixture(scope="module")
+def full_run(data, tmp_path_factory):
+    """12 steps on 2 ranks, checkpoints at 6 and 12."""
+    run_dir = tmp_path_factory.mktemp("runs") / "full"
+    r = launch(data, run_dir, 12)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return run_dir, r
+
+
+def test_end_to_end_run(full_run):
+    run_dir, r = full_run
+    assert sorted(losses(run_dir)) == list(range(1, 13))
+    ls = losses(run_dir)
+    assert ls[12] < ls[1]  # it learns
+    assert (run_dir / "checkpoints/latest").read_text() == "step_00000012"
+    tag = run_dir / "checkpoints/step_00000012"
+    assert {"rng_rank0.pt", "rng_rank1.pt", "lillm.json", "config.yaml"} <= {p.name for p in tag.iterdir()}
+    assert len(list(tag.glob("*optim_states.pt"))) == 2  # ZeRO-2: one optimizer shard per rank
+    assert "2 rank(s) on cpu, fp32, ZeRO stage 2" in r.stdout
+    assert "step 12/12 | loss" in r.stdout and "tok/s" in r.stdout and "eta" in r.stdout
+    assert (run_dir / "config.yaml").read_text().count("micro_batch_size: 4") == 1
+
+
+def test_tensorboard_scalars_read_back(full_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = full_run
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/step_time_s",
+                "perf/data_wait_frac", "val/loss", "val/perplexity"):
+        assert tag in tags, tag
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 13))
+    assert [e.step for e in acc.Scalars("val/loss")] == [6, 12]
+    text_tags = set(acc.Tags()["tensors"])
+    assert any("samples" in t for t in text_tags) and any("config" in t for t in text_tags)
+    loss12 = acc.Scalars("train/loss")[-1].value
+    assert loss12 == pytest.approx(losses(run_dir)[12], rel=1e-6)
+
+
+def test_exact_resume_is_bit_identical(full_run, data, tmp_path):
+    run_dir, _ = full_run
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run_dir / "checkpoints/step_00000006", resumed / "checkpoints/step_00000006")
+    (resumed / "checkpoints/latest").write_text("step_00000006")
+    r = launch(data, resumed, 12)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "at step 6" in r.stdout
+    ref, got = losses(run_dir), losses(resumed)
+    assert sorted(got) == list(range(7, 13))
+    assert all(got[s] == ref[s] for s in got), (got, ref)  # bit-identical
+
+
+def test_resume_on_one_rank_from_two_rank_checkpoint(full_run, data, tmp_path):
+    run_dir, _ = full_run
+    one = tmp_path / "one"
+    (one / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run_dir / "checkpoints/step_00000006", one / "checkpoints/step_00000006")
+    (one / "checkpoints/latest").write_text("step_00000006")
+    # Same global batch on one rank: twice the accumulation.
+    r = launch(data, one, 12, "--train.grad_accum", "4", ranks=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "universal format" in r.stdout
+    ref, got = losses(run_dir), losses(one)
+    assert sorted(got) == list(range(7, 13))
+    for s in got:
+        assert got[s] == pytest.approx(ref[s], abs=1e-5)
+    r = run_cli("checkpoint", str(one))
+    assert r.returncode == 0 and "saved by 1 rank(s)" in r.stdout
+
+
+def test_export_loads_in_transformers_with_equal_logits(full_run, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from lillm.hf import import_hf
+    from lillm.train.checkpoint import load_model_from_checkpoint
+
+    run_dir, _ = full_run
+    r = run_cli("export", str(run_dir), str(tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr
+    ours, tok = load_model_from_checkpoint(run_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    x = torch.tensor([tok.prompt_ids("The module provides")])
+    with torch.no_grad():
+        assert (ours(x) - hf(x).logits).abs().max() < 1e-4
+    assert import_hf(tmp_path / "hf").config == ours.config
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf_tok.encode("The module provides") == tok.encode("The module provides")
+    r = run_cli("generate", str(run_dir), "The", "--max_new_tokens", "5", "--temperature", "0")
+    assert r.returncode == 0 and r.stdout.startswith("The"), r.stderr
+
+
+def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= step:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early: {proc.returncode}")
+        time.sleep(0.5)
+    raise AssertionError("timed out waiting for training")
+
+
+def _rank_pids(run_dir: Path, with_workers: bool = False) -> list[int]:
+    """The training ranks of a run (children of the launcher), optionally with their DataLoader workers."""
+    import psutil
+
+    pids = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "--local_rank=" in cmd and f"--train.run_dir {run_dir} " in cmd:
+            parent = " ".join(p.parent().cmdline()) if p.parent() else ""
+            if with_workers or "--local_rank=" not in parent:
+                pids.append(p.pid)
+    return pids
+
+
+def test_sigterm_saves_and_exits_0_then_kill9_and_resume(data, tmp_path):
+    run_dir = tmp_path / "preempt"
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(29600 + os.getpid() % 1000),
+           *_args(data, run_dir, 400, "--train.ckpt_interval", "1000")]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
+                            start_new_session=True)
+    _wait_for_step(run_dir, 3, proc)
+    # A scheduler's preemption: SIGTERM to every training process, DataLoader workers included.
+    for pid in _rank_pids(run_dir, with_workers=True):
+        os.kill(pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "saving at step" in out
+    saved = int((run_dir / "checkpoints/latest").read_text().removeprefix("step_"))
+    assert saved >= 3 and max(losses(run_dir)) == saved
+
+    # kill -9 while training (no chance to save), then resume from the SIGTERM checkpoint.
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
+                            start_new_session=True)
+    _wait_for_step(run_dir, saved + 3, proc)
+    victims = _rank_pids(run_dir, with_workers=True)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    assert (run_dir / "checkpoints/latest").read_text() == f"step_{saved:08d}"
+    r = launch(data, run_dir, saved + 4)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"at step {saved}" in r.stdout
+    assert (run_dir / "checkpoints/latest").read_text() == f"step_{saved + 4:08d}"
+
+
+def test_bad_inputs_exit_cleanly(data, full_run, tmp_path):
+    run_dir, _ = full_run
+    cases = [
+        (["--data.dir", str(tmp_path / "nodata")], "no tokenizer.json"),
+        (["--train.global_batch_tokens", "1000"], "not a multiple"),
+        (["--ds_config", str(tmp_path / "missing.json")], "no such file"),
+    ]
+    bad_ds = tmp_path / "bad.json"
+    bad_ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 2}}))
+    cases.append((["--ds_config", str(bad_ds)], "conflicts with the training config"))
+    for extra, msg in cases:
+        r = subprocess.run([sys.executable, *_args(data, tmp_path / "bad", 2), *extra], cwd=REPO, capture_output=True,
+                           text=True, timeout=300, env=ENV)
+        assert r.returncode == 2, (extra, r.stderr[-2000:])
+        assert msg in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    # Resume with another model config: refused before anything is loaded or written.
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    r = subprocess.run([sys.executable, *_args(data, run_dir, 14), "--model.n_layers", "2"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 2 and "another model config" in r.stderr, r.stderr[-2000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+
+
+def test_nonfinite_loss_stops_with_diagnosis(data, tmp_path):
+    run_dir = tmp_path / "nan"
+    r = subprocess.run([sys.executable, *_args(data, run_dir, 6, "--train.lr", "1e38", "--train.min_lr", "0",
+                                               "--train.warmup_steps", "0", "--train.grad_clip", "0")],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "non-finite loss at step" in r.stdout + r.stderr
+    assert list(run_dir.glob("nonfinite_step*_rank0.pt"))
+    assert not (run_dir / "checkpoints/latest").exists()

@@ -1,0 +1,138 @@
+"""Training components without a process group: schedule, batch arithmetic, ds_config, checkpoints, configs."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lillm.errors import UserError
+from lillm.train.checkpoint import Checkpointer, resolve_checkpoint
+from lillm.train.config import TrainConfig, plan_batches
+from lillm.train.ds_config import fill_ds_config, load_ds_config
+from lillm.train.pretrain import parse_config
+from lillm.train.schedule import lr_at
+
+from .conftest import REPO
+
+
+def test_cosine_schedule_warms_up_and_ends_at_min_lr():
+    kw = dict(lr=6e-4, min_lr=6e-5, warmup_steps=2000, max_steps=15259, schedule="cosine")
+    assert lr_at(0, **kw) == pytest.approx(6e-4 / 2000)
+    assert lr_at(1999, **kw) == pytest.approx(6e-4)
+    assert lr_at(15258, **kw) == pytest.approx(6e-5)
+    lrs = [lr_at(s, **kw) for s in range(2000, 15259, 50)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_linear_wsd_constant_schedules():
+    kw = dict(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert lr_at(109, schedule="linear", **kw) == pytest.approx(0.1)
+    assert lr_at(60, schedule="linear", **kw) == pytest.approx(0.55, abs=0.01)
+    assert lr_at(50, schedule="wsd", decay_fraction=0.2, **kw) == 1.0
+    assert lr_at(109, schedule="wsd", decay_fraction=0.2, **kw) == pytest.approx(0.1)
+    assert lr_at(100, schedule="constant", **kw) == 1.0
+
+
+def test_batch_arithmetic():
+    train = TrainConfig(micro_batch_size=32, global_batch_tokens=524288, max_tokens=8_000_000_000)
+    plan = plan_batches(train, 512, 2)
+    assert plan.grad_accum == 16 and plan.tokens_per_step == 524288 and plan.max_steps == 15259
+    assert plan_batches(train, 512, 4).grad_accum == 8
+    with pytest.raises(UserError, match="not a multiple"):
+        plan_batches(train, 512, 3)
+    with pytest.raises(UserError, match="disagrees"):
+        plan_batches(TrainConfig(micro_batch_size=32, grad_accum=4, global_batch_tokens=524288, max_steps=1), 512, 2)
+    with pytest.raises(ValueError, match="set max_steps or max_tokens"):
+        TrainConfig()
+
+
+def test_ds_config_auto_is_filled_and_conflicts_rejected():
+    train = TrainConfig(micro_batch_size=4, grad_accum=2, max_steps=10, lr=1e-3, grad_clip=0.5)
+    plan = plan_batches(train, 128, 2)
+    cfg = fill_ds_config(load_ds_config(REPO / "ds_configs/zero2.json"), train, plan)
+    assert cfg["train_micro_batch_size_per_gpu"] == 4 and cfg["gradient_accumulation_steps"] == 2
+    assert cfg["train_batch_size"] == 16 and cfg["gradient_clipping"] == 0.5
+    assert cfg["optimizer"]["params"] == {"lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}
+    same = fill_ds_config({"train_micro_batch_size_per_gpu": 4}, train, plan)
+    assert same["train_micro_batch_size_per_gpu"] == 4
+    with pytest.raises(UserError, match="train_micro_batch_size_per_gpu=8 conflicts"):
+        fill_ds_config({"train_micro_batch_size_per_gpu": 8}, train, plan)
+    with pytest.raises(UserError, match="optimizer.params.lr=0.1 conflicts"):
+        fill_ds_config({"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}, train, plan)
+    with pytest.raises(UserError, match=r"unknown keys \['zero_optimisation'\]"):
+        fill_ds_config({"zero_optimisation": {}}, train, plan)
+    with pytest.raises(UserError, match="unknown zero_optimization keys"):
+        fill_ds_config({"zero_optimization": {"stage": 2, "overlap_com": True}}, train, plan)
+    with pytest.raises(UserError, match="scheduler"):
+        fill_ds_config({"scheduler": {"type": "WarmupLR"}}, train, plan)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "ds_configs").glob("*.json")), ids=lambda p: p.name)
+def test_every_shipped_ds_config_fills(path):
+    train = TrainConfig(micro_batch_size=2, max_steps=1)
+    cfg = fill_ds_config(load_ds_config(path), train, plan_batches(train, 64, 2))
+    assert cfg["zero_optimization"]["stage"] == 2
+    assert "auto" not in json.dumps(cfg)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "launch/configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_yaml_parses(path):
+    cfg, yaml = parse_config(["--config", str(path)])
+    assert cfg.model.num_params() > 0 and "train:" in yaml
+    if path.name == "lil-39m-2xa100.yaml":
+        assert cfg.model.num_params() == 39_596_544
+        plan = plan_batches(cfg.train, cfg.model.max_seq_len, 2)
+        assert plan.tokens_per_step == 524_288 and 15_000 <= plan.max_steps <= 15_300
+        assert (cfg.train.lr, cfg.train.min_lr, cfg.train.warmup_steps) == (6e-4, 6e-5, 2000)
+        assert cfg.train.betas == (0.9, 0.95) and cfg.train.schedule == "cosine"
+
+
+def test_cli_overrides_and_invalid_values():
+    cfg, _ = parse_config(["--config", str(REPO / "launch/configs/debug.yaml"), "--train.lr", "3e-4"])
+    assert cfg.train.lr == 3e-4
+    with pytest.raises((UserError, SystemExit)):
+        parse_config(["--config", str(REPO / "launch/configs/debug.yaml"), "--model.n_heads", "3"])
+
+
+class _FailingEngine:
+    device = torch.device("cpu")
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        d = Path(save_dir) / tag
+        d.mkdir(parents=True)
+        (d / "partial.pt").write_bytes(b"x" * 10)
+        raise OSError(28, "No space left on device")
+
+
+class _Engine(_FailingEngine):
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        d = Path(save_dir) / tag
+        d.mkdir(parents=True)
+        torch.save(client_state, d / "mp_rank_00_model_states.pt")
+
+
+def test_disk_full_during_save_keeps_previous_checkpoint(tmp_path):
+    ck = Checkpointer(tmp_path, keep=2, rank=0, world_size=1)
+    meta = {"model_config": {}, "tokenizer_fingerprint": "x"}
+    ck.save(_Engine(), 5, {"a": 1}, meta)
+    with pytest.raises(UserError, match=r"No space left on device.*step_00000005\) is intact"):
+        ck.save(_FailingEngine(), 10, {"a": 2}, meta)
+    assert (tmp_path / "checkpoints/latest").read_text() == "step_00000005"
+    assert not (tmp_path / "checkpoints/step_00000010").exists()
+    assert resolve_checkpoint("auto", tmp_path).name == "step_00000005"
+
+
+def test_keep_last_k_and_resolution(tmp_path):
+    ck = Checkpointer(tmp_path, keep=2, rank=0, world_size=1)
+    for step in (1, 2, 3):
+        ck.save(_Engine(), step, {}, {"model_config": {}, "tokenizer_fingerprint": "x"})
+    tags = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
+    assert tags == ["step_00000002", "step_00000003"]
+    assert resolve_checkpoint("auto", tmp_path).name == "step_00000003"
+    assert resolve_checkpoint("step_00000002", tmp_path).name == "step_00000002"
+    assert resolve_checkpoint(str(tmp_path)).name == "step_00000003"
+    assert resolve_checkpoint("none", tmp_path) is None
+    assert resolve_checkpoint("auto", tmp_path / "empty") is None
+    with pytest.raises(UserError, match="not found"):
+        resolve_checkpoint("step_00000099", tmp_path)
