@@ -1,0 +1,224 @@
+"""Side-by-side benchmarks: lillm against its peer, same machine, same shapes, same weights, one run.
+
+    .venv/bin/python benchmarks/run.py                 # everything (about 10 minutes on 2 CPU cores)
+    .venv/bin/python benchmarks/run.py --only train decode
+
+Prints a markdown table and writes benchmarks/results/<host>.json. Each figure is the median of several
+repeats, with the spread (min-max) beside it: these machines are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lillm import LilLM, ModelConfig  # noqa: E402
+from lillm.generate import SamplingConfig, generate  # noqa: E402
+from lillm.hf import export_hf  # noqa: E402
+
+
+def timed(fn, repeats: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def summary(per_unit: float, times: list[float]) -> dict:
+    """Throughput (units/s) as median and spread over repeats."""
+    rates = sorted(per_unit / t for t in times)
+    return {"median": statistics.median(rates), "min": rates[0], "max": rates[-1], "n": len(rates)}
+
+
+def models(preset: str, dtype: torch.dtype):
+    import transformers
+
+    torch.manual_seed(0)
+    ours = LilLM(ModelConfig.from_preset(preset))
+    ours.init_weights()
+    d = tempfile.mkdtemp()
+    export_hf(ours, d)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="sdpa")
+    return ours.to(dtype), theirs.to(dtype)
+
+
+def bench_train(preset: str, dtype: torch.dtype, compile_: bool, batch: int, seq: int, repeats: int) -> dict:
+    """Forward + backward + AdamW step, tokens/s."""
+    ours, theirs = models(preset, dtype)
+    x = torch.randint(0, ours.config.vocab_size, (batch, seq + 1))
+    results = {}
+    for name, model in (("lillm", ours), ("transformers", theirs)):
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        fwd = torch.compile(model) if compile_ else model
+
+        def step(fwd=fwd, opt=opt):
+            out = fwd(x[:, :-1])
+            logits = out if torch.is_tensor(out) else out.logits
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        results[name] = summary(batch * seq, timed(step, repeats, warmup=2 if compile_ else 1))
+    return results
+
+
+def bench_decode(preset: str, batch: int, prompt: int, new: int, repeats: int) -> dict:
+    """Greedy cached decoding, new tokens/s (prefill included)."""
+    ours, theirs = models(preset, torch.float32)
+    ours.eval()
+    theirs.eval()
+    ids = torch.randint(10, ours.config.vocab_size, (batch, prompt))
+    cfg = SamplingConfig(max_new_tokens=new, temperature=0)
+    mask = torch.ones_like(ids)
+
+    def run_ours():
+        out = generate(ours, ids.tolist(), cfg)
+        assert all(len(o) == new for o in out)
+
+    def run_theirs():
+        with torch.inference_mode():
+            out = theirs.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                  pad_token_id=0)
+        assert out.shape[1] == prompt + new
+
+    return {"lillm": summary(batch * new, timed(run_ours, repeats)),
+            "transformers": summary(batch * new, timed(run_theirs, repeats))}
+
+
+def bench_prepare(repeats: int) -> dict:
+    """lillm prepare (batched, worker processes) against per-document datasets.map, same corpus, MB/s."""
+    import datasets
+
+    from lillm.data.prepare import prepare
+    from lillm.data.sources import _builtin_corpus, open_source
+    from lillm.tokenizer import load_tokenizer, train_tokenizer
+
+    work = Path(tempfile.mkdtemp())
+    docs = list(_builtin_corpus())
+    corpus = work / "corpus.jsonl"
+    with open(corpus, "w") as fh:
+        for _ in range(3):  # ~6 MB
+            for d in docs:
+                fh.write(json.dumps({"text": d}) + "\n")
+    size = sum(len(d.encode()) for d in docs) * 3
+    train_tokenizer(docs, vocab_size=8192, progress=False).save(work / "tok")
+    tok = load_tokenizer(work / "tok")
+    workers = os.cpu_count() or 1
+
+    def ours():
+        prepare(open_source(str(corpus)), work / "tok", work / f"out{time.time_ns()}", num_workers=workers,
+                progress=False)
+
+    def reference():
+        # The reference's approach: a datasets.map that calls encode once per document.
+        ds = datasets.load_dataset("json", data_files=str(corpus), split="train", cache_dir=str(work / "cache"))
+        ds.map(lambda ex: {"ids": tok.tok.encode(ex["text"]).ids + [tok.eos_id]}, remove_columns=["text"],
+               num_proc=workers, load_from_cache_file=False, desc=None)
+
+    datasets.disable_progress_bars()
+    return {"lillm": summary(size / 1e6, timed(ours, repeats, warmup=0)),
+            "datasets.map per document": summary(size / 1e6, timed(reference, repeats, warmup=0)),
+            "corpus_mb": size / 1e6}
+
+
+def bench_loader(batch: int, seq: int, batches: int, repeats: int) -> dict:
+    """Tokens/s the pretraining loader serves on one rank (shuffled windows, one worker)."""
+    import numpy as np
+
+    from lillm.data.loader import PretrainLoader, ShardSet
+    from lillm.data.prepare import ShardWriter, _write_json_atomic
+
+    work = Path(tempfile.mkdtemp())
+    w = ShardWriter(work, "train", "0000beef", 1 << 24, np.dtype(np.uint16), eos_id=0)
+    w.add(np.random.default_rng(0).integers(0, 8192, 40_000_000, dtype=np.uint16))
+    w.flush()
+    manifest = {"format_version": 1, "dtype": "uint16", "splits": {"train": w.summary()},
+                "tokenizer": {"fingerprint": "bench", "vocab_size": 8192}}
+    _write_json_atomic(work / "manifest.json", manifest)
+    loader = PretrainLoader(ShardSet(work), seq, batch, rank=0, world_size=2, num_workers=1)
+
+    def run():
+        for i, _ in enumerate(loader):
+            if i + 1 == batches:
+                break
+
+    return {"lillm": summary(batch * seq * batches, timed(run, repeats))}
+
+
+def table(results: dict) -> str:
+    lines = ["| benchmark | lillm | peer | peer name | lillm / peer |", "|---|---|---|---|---|"]
+    for name, r in results.items():
+        if not isinstance(r, dict) or "lillm" not in r:
+            continue
+        ours = r["lillm"]
+        peers = [(k, v) for k, v in r.items() if k != "lillm" and isinstance(v, dict)]
+        fmt = lambda s: f"{s['median']:,.1f} ({s['min']:,.1f}-{s['max']:,.1f})"
+        if peers:
+            pname, peer = peers[0]
+            lines.append(f"| {name} | {fmt(ours)} | {fmt(peer)} | {pname} | {ours['median'] / peer['median']:.2f}x |")
+        else:
+            lines.append(f"| {name} | {fmt(ours)} | | | |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", default=["train", "decode", "prepare", "loader"],
+                    help="which benchmarks to run: train decode prepare loader")
+    ap.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement")
+    ap.add_argument("--bf16", action="store_true", help="also time bf16 training (very slow on CPUs without AMX)")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd training steps")
+    ap.add_argument("--out", default=str(REPO / "benchmarks/results"), help="directory for the JSON results")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    results: dict = {"machine": {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
+                                 "threads": torch.get_num_threads(), "torch": torch.__version__,
+                                 "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
+    if "train" in args.only:
+        for preset, batch, seq in (("debug", 8, 256), ("lil-39m", 4, 512)):
+            variants = [(torch.float32, False)] + ([(torch.bfloat16, False)] if args.bf16 else [])
+            variants += [(torch.float32, True)] if args.compile else []
+            for dtype, comp in variants:
+                name = f"train step {preset} B{batch}xT{seq} {str(dtype)[6:]}{' compile' if comp else ''} (tok/s)"
+                results[name] = bench_train(preset, dtype, comp, batch, seq, args.repeats)
+                print(name, json.dumps(results[name]), flush=True)
+    if "decode" in args.only:
+        for batch in (1, 8):
+            name = f"cached greedy decode lil-39m batch {batch}, 64 new tokens (tok/s)"
+            results[name] = bench_decode("lil-39m", batch, 32, 64, args.repeats)
+            print(name, json.dumps(results[name]), flush=True)
+    if "prepare" in args.only:
+        name = "prepare built-in corpus x3 (MB/s)"
+        results[name] = bench_prepare(max(2, args.repeats // 2))
+        print(name, json.dumps(results[name]), flush=True)
+    if "loader" in args.only:
+        name = "loader B32xT512 shuffled (tok/s)"
+        results[name] = bench_loader(32, 512, 50, args.repeats)
+        print(name, json.dumps(results[name]), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{platform.node()}.json").write_text(json.dumps(results, indent=2) + "\n")
+    print()
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

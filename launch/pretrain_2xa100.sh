@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The reference run on one 2xA100 node: lil-39m, bf16, ZeRO-2, ~8B tokens in about 2 hours.
+#   bash launch/pretrain_2xa100.sh                       # data/openwebtext prepared beforehand
+#   bash launch/pretrain_2xa100.sh --train.lr 3e-4       # any override
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export NCCL_IB_DISABLE=${NCCL_IB_DISABLE:-1}          # single node: NVLink/PCIe, no InfiniBand needed
+export NCCL_P2P_LEVEL=${NCCL_P2P_LEVEL:-NVL}
+export NCCL_ASYNC_ERROR_HANDLING=1                      # a hung rank fails the job instead of stalling it
+export TORCH_NCCL_AVOID_RECORD_STREAMS=1
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+exec deepspeed --num_gpus 2 launch/pretrain.py \
+  --ds_config ds_configs/zero2.json \
+  --config launch/configs/lil-39m-2xa100.yaml "$@"

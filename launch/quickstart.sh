@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The whole path on the built-in corpus (Python's own documentation, no network needed):
+# tokenizer -> shards -> DeepSpeed ZeRO-2 pretraining on 2 ranks -> checkpoint -> a generated sample.
+# On CPU: two CPU ranks over gloo, fp32, a few minutes. With GPUs: every GPU, bf16 (ds_configs/zero2.json).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launch/setup_env.sh
+export PATH="$PWD/.venv/bin:$PATH" TOKENIZERS_PARALLELISM=false
+RUN=${RUN:-runs/debug}
+DATA=data/pydoc
+
+if [ ! -f "$DATA/manifest.json" ]; then
+  lillm train-tokenizer pydoc "$DATA.tokenizer" --vocab_size 4096
+  lillm prepare pydoc "$DATA.tokenizer" "$DATA" --shard_tokens 262144 --val_fraction 0.02
+fi
+
+if command -v nvidia-smi >/dev/null 2>&1 && NGPU=$(nvidia-smi -L 2>/dev/null | grep -c GPU) && [ "$NGPU" -gt 0 ]; then
+  DS=ds_configs/zero2.json
+else
+  NGPU=2
+  DS=ds_configs/zero2_cpu.json  # bf16 matmuls are slow on most CPUs: fp32 here
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+fi
+deepspeed --num_gpus "$NGPU" launch/pretrain.py --ds_config "$DS" --config launch/configs/debug.yaml \
+  --data.dir "$DATA" --train.run_dir "$RUN" "$@"
+
+echo
+echo "== a sample from $RUN =="
+lillm generate "$RUN" "The module" --max_new_tokens 60 --temperature 0.8 --top_k 50
+echo
+echo "TensorBoard: tensorboard --logdir $RUN/tensorboard"
+echo "Export:      lillm export $RUN exported/debug"
