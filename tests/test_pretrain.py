@@ -97,12 +97,17 @@ def test_tensorboard_scalars_read_back(full_run):
     assert loss12 == pytest.approx(losses(run_dir)[12], rel=1e-6)
 
 
+def _run_from_checkpoint(src_run: Path, dst_run: Path, tag: str = "step_00000006") -> Path:
+    """A new run directory whose only (and latest) checkpoint is `tag` of `src_run`."""
+    (dst_run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(src_run / "checkpoints" / tag, dst_run / "checkpoints" / tag)
+    (dst_run / "checkpoints/latest").write_text(tag)
+    return dst_run
+
+
 def test_exact_resume_is_bit_identical(full_run, data, tmp_path):
     run_dir, _ = full_run
-    resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(run_dir / "checkpoints/step_00000006", resumed / "checkpoints/step_00000006")
-    (resumed / "checkpoints/latest").write_text("step_00000006")
+    resumed = _run_from_checkpoint(run_dir, tmp_path / "resumed")
     r = launch(data, resumed, 12)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout and "at step 6" in r.stdout
@@ -113,10 +118,7 @@ def test_exact_resume_is_bit_identical(full_run, data, tmp_path):
 
 def test_resume_on_one_rank_from_two_rank_checkpoint(full_run, data, tmp_path):
     run_dir, _ = full_run
-    one = tmp_path / "one"
-    (one / "checkpoints").mkdir(parents=True)
-    shutil.copytree(run_dir / "checkpoints/step_00000006", one / "checkpoints/step_00000006")
-    (one / "checkpoints/latest").write_text("step_00000006")
+    one = _run_from_checkpoint(run_dir, tmp_path / "one")
     # Same global batch on one rank: twice the accumulation.
     r = launch(data, one, 12, "--train.grad_accum", "4", ranks=1)
     assert r.returncode == 0, r.stderr[-3000:]
