@@ -1,0 +1,225 @@
+"""The pretraining loader: memory-mapped shards -> packed windows, a global stream that resumes at any
+world size.
+
+The global stream. Each split's shards are cut into windows of seq_len + 1 tokens (stride seq_len, so the
+last token of one window is the first target-free token of the next); N windows make an epoch. Global
+position p names window `perm_{p // N}(p % N)`: a keyed, O(1)-memory permutation of the epoch (a Feistel
+network with cycle walking), drawn from (seed, epoch), or the identity when not shuffling. Epochs follow
+each other with fresh permutations, forever.
+
+Who reads what. Consecutive runs of `batch_size` positions form micro-batches; micro-batch q goes to rank
+q % world_size, and within a rank, local micro-batch m goes to DataLoader worker m % num_workers (which is
+the order in which a DataLoader collects batches from its workers). Every window of an epoch therefore
+reaches exactly one rank, once. This is also exactly how `accelerate` shards an iterable dataset
+(`IterableDatasetShard`: process r takes the r-th slice of batch_size samples out of every
+batch_size * num_processes), so a `PackedWindows` built with rank=0, world_size=1 and passed through
+`Accelerator.prepare` (dispatch_batches=False, split_batches=False) reads the same windows per rank as the
+native path. With dispatch_batches=True (accelerate's default for iterable datasets), rank 0 would read
+every batch and scatter it: correct, but it makes one process the data bottleneck, so lillm turns it off.
+
+The state. All ranks consume micro-batches in lockstep, so after k local micro-batches the global
+position is start + k * batch_size * world_size. That number (plus seed and the data's shape) is the whole
+state: it does not depend on the world size, so a run resumed on more or fewer ranks continues the same
+stream with no gap and no duplicate.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from lillm.data.prepare import read_manifest, verify
+from lillm.errors import UserError
+from lillm.tokenizer import Tokenizer
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix(x: np.ndarray, key: np.uint64) -> np.ndarray:
+    """A 64-bit avalanche hash (splitmix64 finaliser) of x ^ key, elementwise."""
+    with np.errstate(over="ignore"):
+        z = (x ^ key) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def permute(idx: np.ndarray, n: int, seed: int, epoch: int) -> np.ndarray:
+    """A bijection of [0, n) evaluated at idx: a 4-round Feistel network with cycle walking."""
+    half = max(1, ((max(n - 1, 1)).bit_length() + 1) // 2)
+    mask = np.uint64((1 << half) - 1)
+    keys = np.random.SeedSequence([seed, epoch]).generate_state(4, dtype=np.uint64)
+    x = idx.astype(np.uint64)
+    todo = np.ones(len(x), dtype=bool)
+    while todo.any():
+        y = x[todo]
+        left, right = y >> np.uint64(half), y & mask
+        for k in keys:
+            left, right = right, left ^ (_mix(right, k) & mask)
+        y = (left << np.uint64(half)) | right
+        x[todo] = y
+        todo[todo] = y >= np.uint64(n)  # outside the domain: walk the cycle until inside
+    return x.astype(np.int64)
+
+
+class ShardSet:
+    """The shards of one split, memory-mapped lazily (so each DataLoader worker maps its own)."""
+
+    def __init__(self, data_dir: str | os.PathLike, split: str = "train", check_checksums: bool = False,
+                 tokenizer: Tokenizer | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        manifest = verify(self.data_dir, checksums=check_checksums)  # sizes always, sha256 on request
+        if split not in manifest["splits"]:
+            raise UserError(f"{data_dir}: manifest has no split {split!r}")
+        if tokenizer is not None:
+            t = manifest["tokenizer"]
+            if t["fingerprint"] != tokenizer.fingerprint or t["vocab_size"] != tokenizer.vocab_size:
+                raise UserError(
+                    f"{data_dir}: shards were made with another tokenizer (vocab {t['vocab_size']}, "
+                    f"fingerprint {t['fingerprint'][:12]}) than the one in use (vocab {tokenizer.vocab_size}, "
+                    f"fingerprint {tokenizer.fingerprint[:12]})"
+                )
+        self.manifest = manifest
+        self.split = split
+        self.dtype = np.dtype(manifest["dtype"])
+        self.files = [self.data_dir / s["file"] for s in manifest["splits"][split]["shards"]]
+        self.tokens = np.array([s["tokens"] for s in manifest["splits"][split]["shards"]], dtype=np.int64)
+        self._maps: list[np.memmap] | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["tokenizer"]["fingerprint"]
+
+    def maps(self) -> list[np.memmap]:
+        if self._maps is None:
+            self._maps = [np.memmap(f, dtype=self.dtype, mode="r") for f in self.files]
+        return self._maps
+
+    def __getstate__(self) -> dict[str, Any]:  # memmaps are reopened in worker processes
+        return {**self.__dict__, "_maps": None}
+
+
+class PackedWindows(IterableDataset):
+    """Infinite stream of (seq_len + 1)-token windows for one rank; see the module docstring."""
+
+    def __init__(self, shards: ShardSet, seq_len: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, shuffle: bool = True, start: int = 0) -> None:
+        super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.shards, self.seq_len, self.batch_size = shards, seq_len, batch_size
+        self.rank, self.world_size, self.seed, self.shuffle, self.start = rank, world_size, seed, shuffle, start
+        per_shard = np.maximum((shards.tokens - 1) // seq_len, 0)
+        self.cum = np.concatenate([[0], np.cumsum(per_shard)])
+        self.num_windows = int(self.cum[-1])
+        if self.num_windows == 0:
+            raise UserError(
+                f"{shards.data_dir}: the {shards.split} split has {int(shards.tokens.sum()):,} tokens, "
+                f"not enough for one window of seq_len + 1 = {seq_len + 1} tokens"
+            )
+
+    def window_ids(self, positions: np.ndarray) -> np.ndarray:
+        """Global stream positions -> window indices."""
+        epoch, idx = positions // self.num_windows, positions % self.num_windows
+        if not self.shuffle:
+            return idx
+        out = np.empty_like(idx)
+        for e in np.unique(epoch):
+            sel = epoch == e
+            out[sel] = permute(idx[sel], self.num_windows, self.seed, int(e))
+        return out
+
+    def read(self, window: int) -> np.ndarray:
+        s = int(np.searchsorted(self.cum, window, side="right") - 1)
+        off = (window - int(self.cum[s])) * self.seq_len
+        return self.shards.maps()[s][off : off + self.seq_len + 1]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        info = get_worker_info()
+        wid, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
+        m = wid
+        while True:
+            q = m * self.world_size + self.rank  # global micro-batch index
+            pos = self.start + q * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
+            for w in self.window_ids(pos):
+                yield torch.from_numpy(self.read(int(w)).astype(np.int64))
+            m += nworkers
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGINT to the training process, which finishes its step and saves; a worker
+    killed by a Ctrl-C or a scheduler's signal to the whole process group would abort the run instead."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class PretrainLoader:
+    """Batches (B, seq_len + 1) for one rank, with a world-size-independent `state_dict`."""
+
+    def __init__(self, shards: ShardSet, seq_len: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, shuffle: bool = True, num_workers: int = 1, pin_memory: bool = False) -> None:
+        self.shards, self.seq_len, self.batch_size = shards, seq_len, batch_size
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.position = 0  # global windows consumed before the current iterator started
+        self.served = 0  # micro-batches handed out by the current iterator
+        self.num_windows = self._dataset().num_windows
+
+    def _dataset(self) -> PackedWindows:
+        return PackedWindows(self.shards, self.seq_len, self.batch_size, self.rank, self.world_size, self.seed,
+                             self.shuffle, self.position)
+
+    @property
+    def global_position(self) -> int:
+        return self.position + self.served * self.batch_size * self.world_size
+
+    @property
+    def fingerprint(self) -> str:
+        return self.shards.fingerprint
+
+    @property
+    def epoch(self) -> float:
+        return self.global_position / self.num_windows
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        self.position, self.served = self.global_position, 0
+        loader = DataLoader(
+            self._dataset(), batch_size=self.batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory,
+            prefetch_factor=4 if self.num_workers else None, persistent_workers=False,
+            worker_init_fn=_ignore_stop_signals,
+        )
+        for batch in loader:
+            self.served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.global_position, "seed": self.seed, "shuffle": self.shuffle,
+                "seq_len": self.seq_len, "num_windows": self.num_windows, "fingerprint": self.shards.fingerprint}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("seq_len", "num_windows", "shuffle", "fingerprint"):
+            if state.get(key) != getattr(self, key):
+                raise UserError(
+                    f"cannot resume the data stream: {key} was {state.get(key)!r} when saved, now "
+                    f"{getattr(self, key)!r} (the data or seq_len changed)"
+                )
+        self.seed = state["seed"]
+        self.position, self.served = int(state["position"]), 0
+
+
+def validation_batches(shards: ShardSet, seq_len: int, batch_size: int, num_batches: int, rank: int = 0,
+                       world_size: int = 1) -> Iterator[torch.Tensor]:
+    """This rank's share of a fixed validation set: the first num_batches micro-batches of the split, read
+    in order, micro-batch q going to rank q % world_size. The set is the same on every call, every run and
+    at every world size."""
+    ds = PackedWindows(shards, seq_len, batch_size, seed=0, shuffle=False)
+    for q in range(rank, num_batches, world_size):
+        ids = ds.window_ids(np.arange(q * batch_size, (q + 1) * batch_size, dtype=np.int64))
+        yield torch.from_numpy(np.stack([ds.read(int(w)) for w in ids]).astype(np.int64))
