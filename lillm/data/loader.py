@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from lillm.data.prepare import read_manifest, verify
+from lillm.data.prepare import verify
 from lillm.errors import UserError
 from lillm.tokenizer import Tokenizer
 

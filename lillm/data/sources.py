@@ -73,7 +73,8 @@ class TextSource:
         try:
             ds = datasets.load_dataset(name, self.hf_config, split=self.split, streaming=self.streaming)
         except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
-            raise UserError(f"cannot load dataset {name!r} (config {self.hf_config}, split {self.split}): {e}") from None
+            where = f"dataset {name!r} (config {self.hf_config}, split {self.split})"
+            raise UserError(f"cannot load {where}: {e}") from None
         yield from self._iter_records(ds, name)
 
     def _iter_records(self, records, where: str) -> Iterator[str]:
