@@ -145,7 +145,8 @@ def prepare(
         out: Output directory for the shards, manifest.json and a copy of the tokenizer.
         shard_tokens: Tokens per shard file (the last one of each split is shorter).
         val_fraction: Fraction of documents (chosen by a hash of their text) for the validation split.
-        num_workers: Tokenizer processes; 0 uses every CPU core.
+        num_workers: 0: one process, the tokenizer's thread pool on every core (fastest on small machines);
+            N >= 2: N worker processes (when Python-side work is the bottleneck on many cores); 1: serial.
         overwrite: Replace shards made with other settings (the old ones stay valid until the new manifest).
         text_field: Field or column holding the text (JSON, parquet, datasets).
         hf_config: Dataset configuration for hf: sources.
@@ -239,11 +240,10 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the `lillm` console script."""
     import os
 
-    import torch
     from jsonargparse import CLI
 
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # spares every command DeepSpeed's detection warning
+    if not os.path.exists("/proc/driver/nvidia/version"):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no NVIDIA driver: spare DeepSpeed's detection warning
     try:
         CLI(COMMANDS, args=argv, prog="lillm", description="lillm: train and use small Llama-3-style models.")
     except UserError as e:

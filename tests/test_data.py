@@ -63,12 +63,14 @@ def test_round_trip_every_document_with_end_of_text(prepared, corpus, tokenizer_
 
 def test_shards_are_deterministic_whatever_the_workers(prepared, corpus, tokenizer_dir, tmp_path):
     root, _ = corpus
-    prepare(open_source(str(root / "docs.jsonl")), tokenizer_dir, tmp_path, shard_tokens=4096, val_fraction=0.1,
-            num_workers=1, progress=False)
-    a, b = read_manifest(prepared), read_manifest(tmp_path)
+    for workers in (0, 1):  # the fixture used 2 worker processes
+        out = tmp_path / str(workers)
+        prepare(open_source(str(root / "docs.jsonl")), tokenizer_dir, out, shard_tokens=4096, val_fraction=0.1,
+                num_workers=workers, progress=False)
+    manifests = [read_manifest(p) for p in (prepared, tmp_path / "0", tmp_path / "1")]
     for split in ("train", "val"):
-        hashes = [[s["sha256"] for s in m["splits"][split]["shards"]] for m in (a, b)]
-        assert hashes[0] == hashes[1]
+        hashes = [[s["sha256"] for s in m["splits"][split]["shards"]] for m in manifests]
+        assert hashes[0] == hashes[1] == hashes[2] and hashes[0]
 
 
 def test_tokenizer_is_deterministic_and_loads_in_transformers(small_texts, tokenizer_dir, tmp_path):

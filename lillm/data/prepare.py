@@ -52,9 +52,10 @@ def is_val(text: str, val_fraction: float) -> bool:
 _WORKER_TOK: Tokenizer | None = None
 
 
-def _init_worker(tokenizer_json: str) -> None:
+def _init_worker(tokenizer_json: str, threads: bool = False) -> None:
+    """Load the tokenizer; `threads` lets its Rust thread pool use every core (in-process mode)."""
     global _WORKER_TOK
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads else "false"
     from tokenizers import Tokenizer as HFTokenizer
 
     _WORKER_TOK = Tokenizer(HFTokenizer.from_str(tokenizer_json))
@@ -171,7 +172,7 @@ def prepare(
     shard_tokens: int = 1 << 26,
     val_fraction: float = 0.005,
     num_workers: int = 0,
-    batch_docs: int = 256,
+    batch_docs: int = 1024,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -205,7 +206,7 @@ def prepare(
 
     run_id = hashlib.sha256(f"{time.time_ns()}{os.getpid()}".encode()).hexdigest()[:8]
     writers = {s: ShardWriter(out, s, run_id, shard_tokens, dtype, tok.eos_id) for s in ("train", "val")}
-    workers = num_workers if num_workers > 0 else (os.cpu_count() or 1)
+    workers = num_workers
     tok_json = tok.tok.to_str()
     bar = tqdm(total=None, unit="B", unit_scale=True, desc="prepare", disable=not progress, smoothing=0.1)
     start, n_bytes, n_tokens = time.time(), 0, 0
@@ -221,10 +222,12 @@ def prepare(
         elapsed = max(time.time() - start, 1e-9)
         bar.set_postfix_str(f"{n_bytes / elapsed / 1e6:.2f} MB/s, {n_tokens / elapsed / 1e3:.0f}k tok/s", refresh=False)
 
-    batches = _batches(source, batch_docs, batch_bytes=4 << 20)
+    batches = _batches(source, batch_docs, batch_bytes=8 << 20)
     try:
-        if workers == 1:
-            _init_worker(tok_json)
+        if workers <= 1:
+            # One process; with workers=0 the tokenizer's own (Rust, GIL-free) thread pool spreads each batch
+            # over every core, which beats worker processes on small machines: no pickling, no IPC.
+            _init_worker(tok_json, threads=workers == 0)
             for batch in batches:
                 consume(_encode(batch, val_fraction, dtype.str))
         else:
