@@ -164,6 +164,58 @@ def bench_loader(batch: int, seq: int, batches: int, repeats: int) -> dict:
     return {"lillm": summary(batch * seq * batches, timed(run, repeats))}
 
 
+def bench_deepspeed_overhead(steps: int) -> dict:
+    """tokens/s of launch/pretrain.py (DeepSpeed ZeRO-2, one rank, fp32) against a plain PyTorch loop doing the
+    same work: debug model, micro batch 8 x 256, AdamW, clipping, no eval or checkpoints in the window."""
+    import subprocess
+
+    import numpy as np
+
+    from lillm.data.prepare import ShardWriter, _write_json_atomic
+    from lillm.tokenizer import train_tokenizer
+
+    work = Path(tempfile.mkdtemp())
+    data = work / "data"
+    data.mkdir()
+    tok = train_tokenizer(["a b c d e f g"] * 10, vocab_size=300, progress=False)
+    tok.save(data / "tokenizer")
+    w = ShardWriter(data, "train", "0000cafe", 1 << 22, np.dtype(np.uint16), eos_id=tok.eos_id)
+    w.add(np.random.default_rng(0).integers(0, 300, 4_000_000, dtype=np.uint16))
+    w.flush()
+    manifest = {"format_version": 1, "dtype": "uint16", "splits": {"train": w.summary(), "val": w.summary()},
+                "tokenizer": {"fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size}}
+    _write_json_atomic(data / "manifest.json", manifest)
+    interval = max(1, steps // 4)
+    cmd = [sys.executable, "launch/pretrain.py", "--config", "launch/configs/debug.yaml", "--ds_config",
+           "ds_configs/zero2_cpu.json", "--data.dir", str(data), "--train.run_dir", str(work / "run"),
+           "--train.max_steps", str(steps), "--train.grad_accum", "1", "--train.log_interval", str(interval),
+           "--train.eval_interval", "0", "--train.ckpt_interval", str(10 * steps), "--train.tensorboard", "false"]
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    rows = [json.loads(line) for line in (work / "run/metrics.jsonl").read_text().splitlines()]
+    ds_rates = [r["perf/tokens_per_s"] for r in rows if "perf/tokens_per_s" in r][1:]  # first interval warms up
+
+    from lillm.train.loss import token_loss
+    from lillm.train.pretrain import param_groups
+
+    torch.manual_seed(0)
+    model = LilLM(ModelConfig.from_preset("debug", vocab_size=4096))
+    model.init_weights()
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, fused=True)
+    x = torch.randint(0, 300, (8, 257))
+
+    def plain_step():
+        loss = token_loss(model(x[:, :-1]), x[:, 1:], x[:, 1:].numel())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    plain = timed(lambda: [plain_step() for _ in range(interval)], max(1, len(ds_rates)))
+    rates = sorted(ds_rates)
+    return {"lillm": {"median": statistics.median(rates), "min": rates[0], "max": rates[-1], "n": len(rates)},
+            "plain PyTorch loop": summary(8 * 256 * interval, plain)}
+
+
 def table(results: dict) -> str:
     lines = ["| benchmark | lillm | peer | peer name | lillm / peer |", "|---|---|---|---|---|"]
     for name, r in results.items():
@@ -182,8 +234,8 @@ def table(results: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", nargs="*", default=["train", "decode", "prepare", "loader"],
-                    help="which benchmarks to run: train decode prepare loader")
+    ap.add_argument("--only", nargs="*", default=["train", "decode", "prepare", "loader", "deepspeed"],
+                    help="which benchmarks to run: train decode prepare loader deepspeed")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement")
     ap.add_argument("--bf16", action="store_true", help="also time bf16 training (very slow on CPUs without AMX)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd training steps")
@@ -214,9 +266,15 @@ def main() -> None:
         name = "loader B32xT512 shuffled (tok/s)"
         results[name] = bench_loader(32, 512, 50, args.repeats)
         print(name, json.dumps(results[name]), flush=True)
+    if "deepspeed" in args.only:
+        name = "pretrain.py (DeepSpeed ZeRO-2, 1 rank, fp32) debug B8xT256 (tok/s)"
+        results[name] = bench_deepspeed_overhead(80)
+        print(name, json.dumps(results[name]), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{platform.node()}.json").write_text(json.dumps(results, indent=2) + "\n")
+    path = out / f"{platform.node()}.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**previous, **results}, indent=2) + "\n")  # --only updates its rows
     print()
     print(table(results))
 
