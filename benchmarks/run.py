@@ -145,7 +145,8 @@ def bench_loader(batch: int, seq: int, batches: int, repeats: int) -> dict:
     import numpy as np
 
     from lillm.data.loader import PretrainLoader, ShardSet
-    from lillm.data.prepare import ShardWriter, _write_json_atomic
+    from lillm.data.prepare import ShardWriter
+    from lillm.files import write_json_atomic
 
     work = Path(tempfile.mkdtemp())
     w = ShardWriter(work, "train", "0000beef", 1 << 24, np.dtype(np.uint16), eos_id=0)
@@ -153,7 +154,7 @@ def bench_loader(batch: int, seq: int, batches: int, repeats: int) -> dict:
     w.flush()
     manifest = {"format_version": 1, "dtype": "uint16", "splits": {"train": w.summary()},
                 "tokenizer": {"fingerprint": "bench", "vocab_size": 8192}}
-    _write_json_atomic(work / "manifest.json", manifest)
+    write_json_atomic(work / "manifest.json", manifest)
     loader = PretrainLoader(ShardSet(work), seq, batch, rank=0, world_size=2, num_workers=1)
 
     def run():
@@ -171,7 +172,8 @@ def bench_deepspeed_overhead(steps: int) -> dict:
 
     import numpy as np
 
-    from lillm.data.prepare import ShardWriter, _write_json_atomic
+    from lillm.data.prepare import ShardWriter
+    from lillm.files import write_json_atomic
     from lillm.tokenizer import train_tokenizer
 
     work = Path(tempfile.mkdtemp())
@@ -184,7 +186,7 @@ def bench_deepspeed_overhead(steps: int) -> dict:
     w.flush()
     manifest = {"format_version": 1, "dtype": "uint16", "splits": {"train": w.summary(), "val": w.summary()},
                 "tokenizer": {"fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size}}
-    _write_json_atomic(data / "manifest.json", manifest)
+    write_json_atomic(data / "manifest.json", manifest)
     interval = max(1, steps // 4)
     cmd = [sys.executable, "launch/pretrain.py", "--config", "launch/configs/debug.yaml", "--ds_config",
            "ds_configs/zero2_cpu.json", "--data.dir", str(data), "--train.run_dir", str(work / "run"),

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from lillm.config import ModelConfig
 from lillm.errors import UserError
+from lillm.files import read_json
 from lillm.model import LilLM
 from lillm.tokenizer import Tokenizer, load_tokenizer
 
@@ -163,12 +164,7 @@ def import_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Li
     """Load a transformers Llama directory (config.json + safetensors) as a LilLM."""
     path = Path(path)
     cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise UserError(f"{path}: no config.json, not a transformers model directory")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{cfg_file}: invalid JSON ({e})") from None
+    cfg = read_json(cfg_file, f"{path}: no config.json, not a transformers model directory")
     config = config_from_hf(cfg, str(cfg_file))
     files = sorted(path.glob("*.safetensors"))
     if not files:

@@ -109,13 +109,14 @@ def _collect(loader, batches):
 @pytest.fixture(scope="module")
 def numbered(tmp_path_factory):
     """Synthetic shards whose tokens count up, so a window's first token names it: 3 shards, 1247 windows."""
-    from lillm.data.prepare import ShardWriter, _write_json_atomic
+    from lillm.data.prepare import ShardWriter
+    from lillm.files import write_json_atomic
 
     out = tmp_path_factory.mktemp("numbered")
     w = ShardWriter(out, "train", "0000abcd", 8000, np.dtype(np.uint16), eos_id=65535)
     w.add(np.arange(20000, dtype=np.uint16))
     w.flush()
-    _write_json_atomic(out / "manifest.json", {
+    write_json_atomic(out / "manifest.json", {
         "format_version": 1, "dtype": "uint16", "splits": {"train": w.summary()},
         "tokenizer": {"fingerprint": "synthetic", "vocab_size": 65535},
     })

@@ -16,7 +16,6 @@ files the current manifest does not name are leftovers of an interrupted run and
 from __future__ import annotations
 
 import hashlib
-import json
 import multiprocessing as mp
 import os
 import re
@@ -31,6 +30,7 @@ from tqdm import tqdm
 
 from lillm.data.sources import TextSource
 from lillm.errors import UserError
+from lillm.files import read_json, write_json_atomic
 from lillm.tokenizer import Tokenizer, load_tokenizer
 
 FORMAT_VERSION = 1
@@ -134,25 +134,10 @@ def _batches(source: TextSource, batch_docs: int, batch_bytes: int) -> Iterator[
 def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
     """The manifest of a prepared directory, checked for format."""
     path = Path(data_dir) / MANIFEST
-    if not path.is_file():
-        raise UserError(f"{data_dir}: no {MANIFEST}; run `lillm prepare` first (or the run was interrupted)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: invalid JSON ({e})") from None
+    manifest = read_json(path, f"{data_dir}: no {MANIFEST}; run `lillm prepare` first (or the run was interrupted)")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
     return manifest
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _clean_leftovers(out_dir: Path, keep: set[str]) -> int:
@@ -269,7 +254,7 @@ def prepare(
         "totals": {"tokens": n_tokens, "documents": source.stats["documents"], "text_bytes": n_bytes,
                    "replaced_documents": source.stats["replaced_documents"]},
     }
-    _write_json_atomic(out / MANIFEST, manifest)
+    write_json_atomic(out / MANIFEST, manifest)
     _clean_leftovers(out, {s["file"] for w in writers.values() for s in w.shards})
     elapsed = time.time() - start
     print(

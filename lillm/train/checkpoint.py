@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from lillm.errors import UserError
+from lillm.files import write_atomic
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 META = "lillm.json"
@@ -47,15 +48,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def read_meta(tag_dir: Path) -> dict[str, Any]:

@@ -8,11 +8,11 @@ DeepSpeed does not know or an LR scheduler (lillm owns the schedule).
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
 from lillm.errors import UserError
+from lillm.files import read_json
 from lillm.train.config import BatchPlan, TrainConfig
 
 KNOWN_KEYS = {
@@ -42,12 +42,7 @@ ZERO_KEYS = {
 
 def load_ds_config(path: str | Path) -> dict[str, Any]:
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"ds_config {p}: no such file")
-    try:
-        cfg = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"ds_config {p}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    cfg = read_json(p, f"ds_config {p}: no such file")
     if not isinstance(cfg, dict):
         raise UserError(f"ds_config {p}: expected a JSON object")
     return cfg

@@ -1,0 +1,38 @@
+"""Small file helpers shared by every component: JSON read with a clear error, atomic write."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from lillm.errors import UserError
+
+
+def read_json(path: str | os.PathLike, missing: str) -> Any:
+    """Parse a JSON file; a missing file raises UserError(`missing`), bad JSON names the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(missing)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file") from None
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a file so that readers see the old content or the new, never a partial one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
