@@ -229,6 +229,13 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
         (run_dir / "ds_config.json").write_text(json.dumps(ds_cfg, indent=2) + "\n")
         tokenizer.save(run_dir / "tokenizer")
     writer = MetricsWriter(str(run_dir / "tensorboard") if rank == 0 and train.tensorboard else None)
+
+    def record(values: dict[str, float], at_step: int) -> None:
+        """TensorBoard scalars, and the same row in RUN/metrics.jsonl (rank 0)."""
+        writer.scalars(values, at_step)
+        if rank == 0:
+            with open(run_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps({"step": at_step, **values}) + "\n")
     ckpt = Checkpointer(run_dir, train.keep_checkpoints, rank, world)
     peak = detect_peak_tflops(train.peak_tflops)
     flops_per_token = model_cfg.flops_per_token(seq_len)
@@ -328,8 +335,8 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
             window["loss"] += step_loss
             bar.update(1)
 
-            stop_now = _all_reduce([float(stop.signum)], device, dist.ReduceOp.MAX)[0] > 0 if world > 1 \
-                else stop.signum > 0
+            # Every rank must agree to stop at the same step, or the save's collectives would hang.
+            stop_now = _all_reduce([float(stop.signum)], device, dist.ReduceOp.MAX)[0] > 0
             if step % train.log_interval == 0 or step == plan.max_steps:
                 elapsed = time.perf_counter() - window["t0"]
                 loss_avg = _all_reduce([window["loss"] / window["steps"]], device)[0] / world
@@ -347,26 +354,21 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
                     scalars["perf/mfu"] = mfu
                 if device.type == "cuda":
                     scalars["perf/max_mem_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                writer.scalars(scalars, step)
-                if rank == 0:
-                    with open(run_dir / "metrics.jsonl", "a") as fh:
-                        fh.write(json.dumps({"step": step, **scalars}) + "\n")
+                record(scalars, step)
                 done = step - start_step
                 eta = (time.perf_counter() - run_start) / done * (plan.max_steps - step) if done else 0
-                bar.write(
-                    f"step {step}/{plan.max_steps} | loss {loss_avg:.4f} | lr {lr:.2e} | gnorm {grad_norm:.2f} | "
-                    f"{tok_s:,.0f} tok/s" + (f" | mfu {mfu:.1%}" if mfu is not None else "")
-                    + f" | data {window['data'] / elapsed:.1%} | eta {format_duration(eta)}",
-                    file=sys.stdout,
-                ) if rank == 0 else None
+                if rank == 0:
+                    bar.write(
+                        f"step {step}/{plan.max_steps} | loss {loss_avg:.4f} | lr {lr:.2e} | gnorm {grad_norm:.2f} | "
+                        f"{tok_s:,.0f} tok/s" + (f" | mfu {mfu:.1%}" if mfu is not None else "")
+                        + f" | data {window['data'] / elapsed:.1%} | eta {format_duration(eta)}",
+                        file=sys.stdout,
+                    )
                 window = {"t0": time.perf_counter(), "data": 0.0, "steps": 0, "loss": 0.0}
             if do_eval and (step % train.eval_interval == 0 or step == plan.max_steps):
                 vals = evaluate(step)
                 last_val = vals["val/loss"]
-                writer.scalars(vals, step)
-                if rank == 0:
-                    with open(run_dir / "metrics.jsonl", "a") as fh:
-                        fh.write(json.dumps({"step": step, **vals}) + "\n")
+                record(vals, step)
                 log.info(f"eval @ step {step}: val loss {vals['val/loss']:.4f}, ppl {vals['val/perplexity']:.2f}")
             if stop_now:
                 log.info(f"received signal {stop.signum}: saving at step {step} and exiting")
