@@ -190,10 +190,6 @@ def import_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Li
     missing = [m for m in missing if not (m == "output.weight" and config.tie_embeddings)]
     if missing or unexpected:
         raise UserError(f"{path}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    from lillm.model import rope_tables
-
-    cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
-    model.rope_cos.copy_(cos)
-    model.rope_sin.copy_(sin)
+    model.reset_rope()
     return model
 

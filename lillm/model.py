@@ -183,6 +183,11 @@ class LilLM(nn.Module):
             layer.attention_norm.reset_parameters()
             layer.ffn_norm.reset_parameters()
         self.norm.reset_parameters()
+        self.reset_rope()
+
+    @torch.no_grad()
+    def reset_rope(self) -> None:
+        """Refill the rotary tables (derived from the config, never loaded), e.g. after `to_empty`."""
         cos, sin = rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)

@@ -1,5 +1,4 @@
 import json
-import multiprocessing as mp
 import os
 import signal
 import subprocess
@@ -332,5 +331,3 @@ def test_interrupted_prepare_leaves_no_manifest_and_reruns_cleanly(tokenizer_dir
     assert r.returncode == 2 and "--overwrite" in r.stderr
     assert verify(out) == m  # nothing lost
 
-
-del mp

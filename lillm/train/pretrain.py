@@ -255,9 +255,8 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
 
     def save(at_step: int) -> None:
         client_state = {
-            "lillm": {"step": at_step, "tokens_seen": tokens_seen, "loader": loader.state_dict(),
-                      "train_config": dataclasses.asdict(train), "model_config": model_cfg.to_dict(),
-                      "tokenizer_fingerprint": tokenizer.fingerprint, "world_size": world},
+            "lillm": {"step": at_step, "tokens_seen": tokens_seen, "loader": loader.state_dict(), **meta_out,
+                      "world_size": world},
             "universal_checkpoint_info": universal_info(),
         }
         path = ckpt.save(engine, at_step, client_state, meta_out)
