@@ -105,7 +105,7 @@ def export_hf(
     special_ids = None
     if tokenizer_dir is not None:
         tok = tokenizer_dir if isinstance(tokenizer_dir, Tokenizer) else load_tokenizer(tokenizer_dir)
-        special_ids = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id}
+        special_ids = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id, "eot": tok.eot_id}
         tok.save(out)
     tensors = {}
     for name, tensor in model.state_dict().items():
@@ -116,7 +116,10 @@ def export_hf(
     (out / "config.json").write_text(json.dumps(hf_config(model.config, special_ids, dtype), indent=2) + "\n")
     gen = {"_from_model_config": True, "do_sample": False, "max_length": model.config.max_seq_len}
     if special_ids:
-        gen.update(bos_token_id=special_ids["bos"], eos_token_id=special_ids["eos"], pad_token_id=special_ids["pad"])
+        # Generation ends at the end of a document or of an assistant turn, as in `lillm chat`.
+        eos = [i for i in (special_ids["eos"], special_ids["eot"]) if i is not None]
+        gen.update(bos_token_id=special_ids["bos"], eos_token_id=eos if len(eos) > 1 else eos[0],
+                   pad_token_id=special_ids["pad"])
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     return out
 
@@ -183,8 +186,8 @@ def import_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Li
     with torch.device("meta"):
         model = LilLM(config)
     model = model.to_empty(device="cpu").to(dtype)
+    model.tie_weights()
     if config.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
         state.pop("output.weight", None)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (m == "output.weight" and config.tie_embeddings)]

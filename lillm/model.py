@@ -153,8 +153,7 @@ class LilLM(nn.Module):
         self.layers = nn.ModuleList(Block(i, config) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.output = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+        self.tie_weights()
         cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
         # Not persistent: derived from the config, so checkpoints carry weights only.
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -169,6 +168,7 @@ class LilLM(nn.Module):
         Kept out of `__init__` so the model can be built on the meta device (or by a sharding engine)
         and initialised afterwards; draws from torch's global RNG, which the trainer seeds.
         """
+        self.tie_weights()  # `to_empty` (after meta-device construction) gives each module its own tensor
         std = self.config.init_std
         nn.init.normal_(self.tok_embeddings.weight, std=std)
         if not self.config.tie_embeddings:
@@ -184,6 +184,11 @@ class LilLM(nn.Module):
             layer.ffn_norm.reset_parameters()
         self.norm.reset_parameters()
         self.reset_rope()
+
+    def tie_weights(self) -> None:
+        """Share the output projection with the token embeddings (when the config ties them)."""
+        if self.config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
 
     @torch.no_grad()
     def reset_rope(self) -> None:
