@@ -196,8 +196,8 @@ def bench_deepspeed_overhead(steps: int) -> dict:
     rows = [json.loads(line) for line in (work / "run/metrics.jsonl").read_text().splitlines()]
     ds_rates = [r["perf/tokens_per_s"] for r in rows if "perf/tokens_per_s" in r][1:]  # first interval warms up
 
+    from lillm.train.engine import param_groups
     from lillm.train.loss import token_loss
-    from lillm.train.pretrain import param_groups
 
     torch.manual_seed(0)
     model = LilLM(ModelConfig.from_preset("debug", vocab_size=4096))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -38,19 +40,24 @@ def detect_peak_tflops(configured: float) -> float:
 
 
 class MetricsWriter:
-    """TensorBoard on rank 0 when enabled; a no-op everywhere else."""
+    """TensorBoard (when given a directory) and a metrics.jsonl mirror (when given a file) on rank 0; a no-op
+    everywhere else."""
 
-    def __init__(self, log_dir: str | None) -> None:
-        self.tb = None
+    def __init__(self, log_dir: str | None, jsonl: str | os.PathLike | None = None) -> None:
+        self.tb, self.jsonl = None, jsonl
         if log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(log_dir)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
+        """One row of scalars at `step`: TensorBoard events and a JSON line {"step": ..., **values}."""
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, step)
+        if self.jsonl is not None:
+            with open(self.jsonl, "a") as fh:
+                fh.write(json.dumps({"step": step, **values}) + "\n")
 
     def text(self, tag: str, text: str, step: int) -> None:
         if self.tb is not None:

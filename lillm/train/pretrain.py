@@ -10,9 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -37,6 +34,15 @@ from lillm.train.checkpoint import (
 )
 from lillm.train.config import DataConfig, TrainConfig, plan_batches
 from lillm.train.ds_config import fill_ds_config, load_ds_config, precision
+from lillm.train.engine import (
+    StopFlag,
+    all_reduce,
+    check_resumable,
+    init_distributed,
+    initialize_engine,
+    local_device,
+    param_groups,
+)
 from lillm.train.loss import token_loss
 from lillm.train.metrics import MetricsWriter, detect_peak_tflops, format_duration, get_logger
 from lillm.train.schedule import lr_at
@@ -78,76 +84,12 @@ def parse_config(argv: list[str] | None = None) -> tuple[RunConfig, str]:
     return RunConfig(model=init.model, data=init.data, train=init.train, ds_config=ns.ds_config), yaml
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed() -> tuple[int, int, int]:
-    """Initialise the process group (also for a plain single-process `python launch/pretrain.py`)."""
-    import deepspeed
-
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
-    deepspeed.init_distributed()
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-
-
-class StopFlag:
-    """Set by SIGTERM/SIGINT; the loop finishes the step, saves and exits 0."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signum = signum
-
-
-def param_groups(model: LilLM, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices (embeddings and projections), none on norm weights."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(ds_cfg: dict[str, Any], groups: list[dict[str, Any]], device: torch.device):
-    """torch's AdamW, built here from the (filled) ds_config "optimizer" section, which is then removed.
-
-    Why not DeepSpeed's own FusedAdam/CPU Adam: it keeps beta^t as a running product and recomputes it with
-    pow() after a resume, which differs in the last bit, so a resumed run drifts from the uninterrupted one.
-    torch's AdamW derives the bias correction from the step count alone: resumes are bit-identical. With
-    optimizer offload, ZeRO needs DeepSpeed's CPU Adam, so the JSON's optimizer is left to DeepSpeed.
-    """
-    offload = ds_cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
-    if offload not in (None, "none"):
-        return None
-    params = ds_cfg.pop("optimizer")["params"]
-    return torch.optim.AdamW(groups, lr=params["lr"], betas=tuple(params["betas"]), eps=params["eps"],
-                             weight_decay=params["weight_decay"], fused=device.type in ("cuda", "cpu"))
-
-
-def _all_reduce(values: list[float], device: torch.device, op: Any = None) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t.tolist()
-
-
 def run(cfg: RunConfig, config_yaml: str) -> int:
     """Train; returns the process exit code."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
     train, model_cfg = cfg.train, cfg.model
     rank, world, local_rank = init_distributed()
     log = get_logger(rank)
-    accel = get_accelerator()
-    device = torch.device(accel.device_name(local_rank)) if accel.device_name() != "cpu" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = local_device(local_rank)
     run_dir = Path(train.run_dir)
 
     # -- data and tokenizer ----------------------------------------------------------------------
@@ -174,13 +116,7 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
     meta: dict[str, Any] = {}
     if tag_dir is not None:
         meta = read_meta(tag_dir)
-        if meta["model_config"] != model_cfg.to_dict():
-            diff = {k: (v, model_cfg.to_dict().get(k)) for k, v in meta["model_config"].items()
-                    if model_cfg.to_dict().get(k) != v}
-            raise UserError(f"cannot resume {tag_dir}: it was trained with another model config "
-                            f"(saved, now): {diff}")
-        if meta["tokenizer_fingerprint"] != tokenizer.fingerprint:
-            raise UserError(f"cannot resume {tag_dir}: it was trained with another tokenizer")
+        check_resumable(meta, tag_dir, model_cfg, tokenizer)
         if meta["world_size"] != world:
             log.info(f"resuming a {meta['world_size']}-rank checkpoint on {world} ranks: converting "
                      f"{tag_dir.name} to DeepSpeed's universal format")
@@ -195,14 +131,8 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
     model = LilLM(model_cfg)
     model.init_weights()
     model.activation_checkpointing = train.activation_checkpointing
-    groups = param_groups(model, train.weight_decay)
-    client_optimizer = build_optimizer(ds_cfg, groups, device)
-    try:
-        engine, optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=client_optimizer, model_parameters=None if client_optimizer else groups,
-            config=ds_cfg)
-    except (ValueError, TypeError, AssertionError) as e:  # pydantic validation of the JSON, bad combinations
-        raise UserError(f"DeepSpeed rejected {cfg.ds_config}: {e}") from None
+    engine, optimizer = initialize_engine(model, ds_cfg, param_groups(model, train.weight_decay), device,
+                                          cfg.ds_config)
     if train.compile:
         engine.compile()
     prec = precision(ds_cfg)
@@ -228,14 +158,8 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
         (run_dir / "config.yaml").write_text(config_yaml)
         (run_dir / "ds_config.json").write_text(json.dumps(ds_cfg, indent=2) + "\n")
         tokenizer.save(run_dir / "tokenizer")
-    writer = MetricsWriter(str(run_dir / "tensorboard") if rank == 0 and train.tensorboard else None)
-
-    def record(values: dict[str, float], at_step: int) -> None:
-        """TensorBoard scalars, and the same row in RUN/metrics.jsonl (rank 0)."""
-        writer.scalars(values, at_step)
-        if rank == 0:
-            with open(run_dir / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps({"step": at_step, **values}) + "\n")
+    writer = MetricsWriter(str(run_dir / "tensorboard") if rank == 0 and train.tensorboard else None,
+                           run_dir / "metrics.jsonl" if rank == 0 else None)
     ckpt = Checkpointer(run_dir, train.keep_checkpoints, rank, world)
     peak = detect_peak_tflops(train.peak_tflops)
     flops_per_token = model_cfg.flops_per_token(seq_len)
@@ -274,7 +198,7 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
                 logits = engine(batch[:, :-1])
                 total += float(token_loss(logits, batch[:, 1:], 1.0))
                 count += batch[:, 1:].numel()
-        total, count = _all_reduce([total, count], device)
+        total, count = all_reduce([total, count], device)
         engine.train()
         val = total / count
         out = {"val/loss": val, "val/perplexity": math.exp(min(val, 50))}
@@ -312,7 +236,7 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
                 loss = token_loss(logits, batch[:, 1:], normalizer)
                 finite = bool(torch.isfinite(loss))
                 if world > 1:
-                    finite = _all_reduce([0.0 if finite else 1.0], device)[0] == 0
+                    finite = all_reduce([0.0 if finite else 1.0], device)[0] == 0
                 if not finite:
                     bad_steps += 1
                     if bad_steps > train.max_bad_steps:
@@ -335,10 +259,10 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
             bar.update(1)
 
             # Every rank must agree to stop at the same step, or the save's collectives would hang.
-            stop_now = _all_reduce([float(stop.signum)], device, dist.ReduceOp.MAX)[0] > 0
+            stop_now = all_reduce([float(stop.signum)], device, dist.ReduceOp.MAX)[0] > 0
             if step % train.log_interval == 0 or step == plan.max_steps:
                 elapsed = time.perf_counter() - window["t0"]
-                loss_avg = _all_reduce([window["loss"] / window["steps"]], device)[0] / world
+                loss_avg = all_reduce([window["loss"] / window["steps"]], device)[0] / world
                 tok_s = window["steps"] * plan.tokens_per_step / elapsed
                 grad_norm = engine.get_global_grad_norm()
                 grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
@@ -353,7 +277,7 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
                     scalars["perf/mfu"] = mfu
                 if device.type == "cuda":
                     scalars["perf/max_mem_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                record(scalars, step)
+                writer.scalars(scalars, step)
                 done = step - start_step
                 eta = (time.perf_counter() - run_start) / done * (plan.max_steps - step) if done else 0
                 if rank == 0:
@@ -367,7 +291,7 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
             if do_eval and (step % train.eval_interval == 0 or step == plan.max_steps):
                 vals = evaluate(step)
                 last_val = vals["val/loss"]
-                record(vals, step)
+                writer.scalars(vals, step)
                 log.info(f"eval @ step {step}: val loss {vals['val/loss']:.4f}, ppl {vals['val/perplexity']:.2f}")
             if stop_now:
                 log.info(f"received signal {stop.signum}: saving at step {step} and exiting")

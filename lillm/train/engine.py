@@ -1,0 +1,118 @@
+"""What every DeepSpeed training script shares: process group, device, optimizer, engine, signals, resume checks.
+
+Pretraining (`lillm.train.pretrain`) and post-training (`lillm.train.posttrain`) both build on these.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lillm.config import ModelConfig
+from lillm.errors import UserError
+from lillm.tokenizer import Tokenizer
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Initialise the process group (also for a plain single-process `python launch/pretrain.py`)."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    deepspeed.init_distributed()
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the loop finishes the step, saves and exits 0."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+
+def local_device(local_rank: int) -> torch.device:
+    """This rank's device: its GPU under the CUDA accelerator, else the CPU."""
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    if accel.device_name() == "cpu":
+        return torch.device("cpu")
+    device = torch.device(accel.device_name(local_rank))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices (embeddings, projections, adapters), none on norm weights; frozen ones left out."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(ds_cfg: dict[str, Any], groups: list[dict[str, Any]], device: torch.device):
+    """torch's AdamW, built here from the (filled) ds_config "optimizer" section, which is then removed.
+
+    Why not DeepSpeed's own FusedAdam/CPU Adam: it keeps beta^t as a running product and recomputes it with
+    pow() after a resume, which differs in the last bit, so a resumed run drifts from the uninterrupted one.
+    torch's AdamW derives the bias correction from the step count alone: resumes are bit-identical. With
+    optimizer offload, ZeRO needs DeepSpeed's CPU Adam, so the JSON's optimizer is left to DeepSpeed.
+    """
+    offload = ds_cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if offload not in (None, "none"):
+        return None
+    params = ds_cfg.pop("optimizer")["params"]
+    return torch.optim.AdamW(groups, lr=params["lr"], betas=tuple(params["betas"]), eps=params["eps"],
+                             weight_decay=params["weight_decay"], fused=device.type in ("cuda", "cpu"))
+
+
+def all_reduce(values: list[float], device: torch.device, op: Any = None) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+
+
+def initialize_engine(model: nn.Module, ds_cfg: dict[str, Any], groups: list[dict[str, Any]], device: torch.device,
+                      ds_path: str) -> tuple[Any, Any]:
+    """`deepspeed.initialize` with lillm's optimizer; DeepSpeed's own validation errors become UserErrors."""
+    import deepspeed
+
+    client_optimizer = build_optimizer(ds_cfg, groups, device)
+    try:
+        engine, optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=client_optimizer, model_parameters=None if client_optimizer else groups,
+            config=ds_cfg)
+    except (ValueError, TypeError, AssertionError) as e:  # pydantic validation of the JSON, bad combinations
+        raise UserError(f"DeepSpeed rejected {ds_path}: {e}") from None
+    return engine, optimizer
+
+
+def check_resumable(meta: dict[str, Any], tag_dir: Any, model_config: ModelConfig, tokenizer: Tokenizer) -> None:
+    """Refuse, before anything is loaded, a checkpoint made with another model shape or tokenizer."""
+    now = model_config.to_dict()
+    if meta["model_config"] != now:
+        diff = {k: (v, now.get(k)) for k, v in meta["model_config"].items() if now.get(k) != v}
+        raise UserError(f"cannot resume {tag_dir}: it was trained with another model config (saved, now): {diff}")
+    if meta["tokenizer_fingerprint"] != tokenizer.fingerprint:
+        raise UserError(f"cannot resume {tag_dir}: it was trained with another tokenizer")
