@@ -24,14 +24,22 @@ START_HEADER, END_HEADER, EOT = "<|start_header_id|>", "<|end_header_id|>", "<|e
 SPECIAL_TOKENS = [BOS, EOS, PAD, START_HEADER, END_HEADER, EOT]
 CHAT_ROLES = ("system", "user", "assistant")
 
-# The Jinja rendering of `Tokenizer.encode_chat`, for transformers' apply_chat_template. Tokenizing this
-# string splits at the special tokens, so the ids equal lillm's piecewise encoding exactly.
+# The chat format, defined here once: bos, then per message
+#   <|start_header_id|>ROLE<|end_header_id|>CONTENT<|eot_id|>
+# and, to ask for a reply, <|start_header_id|>assistant<|end_header_id|>. Llama 3 puts "\n\n" after the
+# header; lillm does not, on purpose. Byte-level BPE encodes "\n\n" alone as one merged token but
+# "\n\nHello" as "\n", "\n", "Hello", so a generation prompt ending in "\n\n" would not be a token prefix
+# of the conversations the model was trained on. With the content right after a special token, the prompt
+# is an exact prefix of every training conversation, and every piece is tokenized on its own.
+#
+# The Jinja rendering below, for transformers' apply_chat_template: tokenizing the rendered string splits
+# at the special tokens, so the ids equal `Tokenizer.encode_chat` exactly (tested).
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>' + message['content'] + '<|eot_id|>' }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>' }}{% endif %}"
 )
 
 
@@ -75,7 +83,7 @@ class Tokenizer:
         return [self.eos_id, *self.encode(text)]
 
     def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> list[int]:
-        """Llama-3-style chat ids: bos, then per message header(role) + "\\n\\n" + content + eot."""
+        """Chat ids: bos, then per message header(role) + content + eot (see CHAT_TEMPLATE)."""
         if not self.has_chat_tokens:
             raise UserError("this tokenizer lacks the chat special tokens; train one with `lillm train-tokenizer`")
         ids = [self.bos_id]
@@ -85,11 +93,36 @@ class Tokenizer:
                 raise UserError(f"message {i}: unknown role {role!r}; expected one of {', '.join(CHAT_ROLES)}")
             if not isinstance(content, str):
                 raise UserError(f"message {i}: content must be a string, got {type(content).__name__}")
-            ids += [self.start_header_id, *self.encode(role), self.end_header_id, *self.encode("\n\n" + content)]
-            ids.append(self.eot_id)
+            ids += [self.start_header_id, *self.encode(role), self.end_header_id, *self.encode(content), self.eot_id]
         if add_generation_prompt:
-            ids += [self.start_header_id, *self.encode("assistant"), self.end_header_id, *self.encode("\n\n")]
+            ids += [self.start_header_id, *self.encode("assistant"), self.end_header_id]
         return ids
+
+    def assistant_spans(self, ids: Sequence[int]) -> list[tuple[int, int]]:
+        """[start, end) of every assistant reply in chat ids: its content and its end-of-turn token.
+
+        Found from the token ids alone (header tokens and the role's ids), never from string offsets, so
+        the training loss mask is exactly the tokens the model must produce after a generation prompt.
+        A reply cut off by truncation runs to the end of `ids`.
+        """
+        assistant = self.encode("assistant")
+        spans, i, n = [], 0, len(ids)
+        while i < n:
+            if ids[i] != self.start_header_id:
+                i += 1
+                continue
+            try:
+                j = ids.index(self.end_header_id, i + 1)
+            except ValueError:
+                break  # a header cut off by truncation: no content follows
+            try:
+                k = ids.index(self.eot_id, j + 1) + 1
+            except ValueError:
+                k = n
+            if list(ids[i + 1 : j]) == assistant:
+                spans.append((j + 1, k))
+            i = k
+        return spans
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Write tokenizer.json and the files `transformers.AutoTokenizer.from_pretrained` reads."""
