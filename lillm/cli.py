@@ -37,12 +37,34 @@ def generate(
         dtype: Compute dtype of the weights and the KV cache.
         stream: Print tokens as they come (single prompt only; batches print at the end).
     """
+    from lillm.chat import text_deltas
     from lillm.generate import SamplingConfig, stream_generate
-    from lillm.loading import DTYPES, load_model, resolve_device
-    from lillm.tokenizer import load_tokenizer
 
     prompt = [prompt] if isinstance(prompt, str) else prompt
     sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed)
+    net, tok = _load_for_inference(model, tokenizer, device, dtype)
+    ids = [tok.prompt_ids(p) for p in prompt]
+    stop = [i for i in (tok.eos_id, tok.eot_id) if i is not None]
+    steps = stream_generate(net, ids, sampling, stop_ids=stop, pad_id=tok.pad_id or 0)
+    if stream and len(prompt) == 1:
+        print(prompt[0], end="", flush=True)
+        for piece in text_deltas(tok.decode, (s[0] for s in steps if s[0] is not None)):
+            print(piece, end="", flush=True)
+        print()
+        return
+    outs: list[list[int]] = [[] for _ in ids]
+    for step in steps:
+        for out, t in zip(outs, step):
+            if t is not None:
+                out.append(t)
+    for p, out in zip(prompt, outs):
+        print(f"--- {p!r}\n{p}{tok.decode(out)}")
+
+
+def _load_for_inference(model: str, tokenizer: str | None, device: str, dtype: str):
+    from lillm.loading import DTYPES, load_model, resolve_device
+    from lillm.tokenizer import load_tokenizer
+
     dev = resolve_device(device)
     net, tok = load_model(model)
     if tokenizer is not None:
@@ -51,28 +73,45 @@ def generate(
         raise UserError(f"{model}: no tokenizer stored with the model; pass --tokenizer DIR")
     if tok.vocab_size > net.config.vocab_size:
         raise UserError(f"tokenizer has {tok.vocab_size} tokens but the model only {net.config.vocab_size}")
-    net = net.to(dev, DTYPES[dtype])
-    ids = [tok.prompt_ids(p) for p in prompt]
-    stop = [i for i in (tok.eos_id, tok.eot_id) if i is not None]
-    outs: list[list[int]] = [[] for _ in ids]
-    printed = ""
-    for step in stream_generate(net, ids, sampling, stop_ids=stop, pad_id=tok.pad_id or 0):
-        for out, t in zip(outs, step):
-            if t is not None:
-                out.append(t)
-        if stream and len(prompt) == 1:
-            text = tok.decode(outs[0])
-            if not printed:
-                print(prompt[0], end="", flush=True)
-            # Decode the whole continuation each time: a multi-byte character can span tokens.
-            if text.startswith(printed) and not text.endswith("\ufffd"):
-                print(text[len(printed) :], end="", flush=True)
-                printed = text
-    if stream and len(prompt) == 1:
-        print(tok.decode(outs[0])[len(printed) :])
-        return
-    for p, out in zip(prompt, outs):
-        print(f"--- {p!r}\n{p}{tok.decode(out)}")
+    return net.to(dev, DTYPES[dtype]).eval(), tok
+
+
+def chat(
+    model: str,
+    system: str = "",
+    tokenizer: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.7,
+    top_k: int = 50,
+    top_p: float = 0.95,
+    seed: int = 0,
+    device: str = "auto",
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+) -> None:
+    """Chat with a fine-tuned model in the terminal (type /help for commands, Ctrl-D to leave).
+
+    Args:
+        model: An exported transformers directory, a training run directory or a checkpoint directory.
+        system: System message that opens the conversation (change it with /system).
+        tokenizer: Tokenizer directory; default: the one stored with the model.
+        max_new_tokens: Most tokens per reply.
+        temperature: Softmax temperature; 0 answers greedily.
+        top_k: Sample among the k most likely tokens; 0 disables.
+        top_p: Nucleus sampling threshold; 1 disables.
+        seed: Seed of the sampler (turn n uses seed + n).
+        device: 'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'.
+        dtype: Compute dtype of the weights and the KV cache.
+    """
+    from lillm.chat import ChatSession, run_chat
+    from lillm.generate import SamplingConfig
+
+    sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed)
+    net, tok = _load_for_inference(model, tokenizer, device, dtype)
+    if not tok.has_chat_tokens:
+        raise UserError(f"{model}: the tokenizer lacks the chat tokens; this is not a chat model")
+    print(f"lillm chat with {model} ({net.num_params():,} parameters). /help for commands, Ctrl-D to leave.",
+          flush=True)
+    run_chat(ChatSession(net, tok, sampling, system))
 
 
 def train_tokenizer(
@@ -232,8 +271,8 @@ def checkpoint(path: str, convert_universal: bool = False) -> None:
         print(f"  universal: {convert_to_universal(tag_dir)}")
 
 
-COMMANDS = {"generate": generate, "train-tokenizer": train_tokenizer, "prepare": prepare, "shards": shards,
-            "export": export, "checkpoint": checkpoint}
+COMMANDS = {"generate": generate, "chat": chat, "train-tokenizer": train_tokenizer, "prepare": prepare,
+            "shards": shards, "export": export, "checkpoint": checkpoint}
 
 
 def main(argv: list[str] | None = None) -> None:

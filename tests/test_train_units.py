@@ -76,7 +76,23 @@ def test_every_shipped_ds_config_fills(path):
     assert "auto" not in json.dumps(cfg)
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "launch/configs").glob("*.yaml")), ids=lambda p: p.name)
+CONFIGS = sorted((REPO / "launch/configs").glob("*.yaml"))
+POSTTRAIN_CONFIGS = [p for p in CONFIGS if p.name.startswith(("sft-", "dpo-"))]
+PRETRAIN_CONFIGS = [p for p in CONFIGS if p not in POSTTRAIN_CONFIGS]
+
+
+@pytest.mark.parametrize("path", POSTTRAIN_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_posttraining_yaml_parses(path):
+    from lillm.train.posttrain import parse_config as parse_post
+
+    objective = path.name[:3]
+    cfg, yaml = parse_post(objective, ["--config", str(path)])
+    assert cfg.init_from and cfg.data.source and "lora:" in yaml
+    assert (cfg.dpo is not None) == (objective == "dpo")
+    assert plan_batches(cfg.train, 512, 2).max_steps == cfg.train.max_steps
+
+
+@pytest.mark.parametrize("path", PRETRAIN_CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_yaml_parses(path):
     cfg, yaml = parse_config(["--config", str(path)])
     assert cfg.model.num_params() > 0 and "train:" in yaml
@@ -98,7 +114,7 @@ def test_cli_overrides_and_invalid_values():
 class _FailingEngine:
     device = torch.device("cpu")
 
-    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest, exclude_frozen_parameters=False):
         d = Path(save_dir) / tag
         d.mkdir(parents=True)
         (d / "partial.pt").write_bytes(b"x" * 10)
@@ -106,7 +122,7 @@ class _FailingEngine:
 
 
 class _Engine(_FailingEngine):
-    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest, exclude_frozen_parameters=False):
         d = Path(save_dir) / tag
         d.mkdir(parents=True)
         torch.save(client_state, d / "mp_rank_00_model_states.pt")

@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,15 +119,21 @@ class Checkpointer:
         if rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
 
-    def save(self, engine: Any, step: int, client_state: dict[str, Any], meta: dict[str, Any]) -> Path:
+    def save(self, engine: Any, step: int, client_state: dict[str, Any], meta: dict[str, Any],
+             exclude_frozen: bool = False, on_saved: Callable[[Path], None] | None = None) -> Path:
+        """Save on every rank. exclude_frozen: leave frozen weights (a LoRA base) out of the files.
+        on_saved(tag_dir) runs on rank 0 after DeepSpeed's files and before the tag counts as complete."""
         import torch.distributed as dist
 
         tag = tag_for(step)
         tag_dir = self.dir / tag
         error = ""
         try:
-            engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
+            engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False,
+                                   exclude_frozen_parameters=exclude_frozen)
             torch.save(rng_state(), tag_dir / f"rng_rank{self.rank}.pt")
+            if on_saved is not None and self.rank == 0:
+                on_saved(tag_dir)
         except (OSError, RuntimeError) as e:  # disk full, permissions, a failed collective write
             error = f"{type(e).__name__}: {e}"
         ok = torch.tensor([0 if error else 1], dtype=torch.int64)
@@ -170,7 +177,11 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model_from_checkpoint(path: Path) -> tuple[Any, Any]:
-    """(LilLM in fp32, Tokenizer or None) from a run directory or checkpoint."""
+    """(LilLM in fp32, Tokenizer or None) from a run directory or checkpoint.
+
+    A LoRA checkpoint holds only its adapter: the base named by `init_from` is loaded, checked against the
+    fingerprint the adapter was trained on, and the adapter is merged into it.
+    """
     from lillm.config import ModelConfig
     from lillm.model import LilLM
     from lillm.tokenizer import load_tokenizer
@@ -178,11 +189,35 @@ def load_model_from_checkpoint(path: Path) -> tuple[Any, Any]:
     tag_dir = resolve_checkpoint(path)
     assert tag_dir is not None
     meta = read_meta(tag_dir)
-    model = LilLM(ModelConfig.from_dict(meta["model_config"]))
-    state = consolidated_state_dict(tag_dir)
-    if model.config.tie_embeddings:
-        state.setdefault("output.weight", state["tok_embeddings.weight"])
-    model.load_state_dict(state)
+    if (meta.get("lora") or {}).get("rank", 0) > 0:
+        model = load_lora_checkpoint(tag_dir, meta)
+    else:
+        model = LilLM(ModelConfig.from_dict(meta["model_config"]))
+        state = consolidated_state_dict(tag_dir)
+        if model.config.tie_embeddings:
+            state.setdefault("output.weight", state["tok_embeddings.weight"])
+        model.load_state_dict(state)
     tok_dir = tag_dir.parent.parent / "tokenizer"
     tokenizer = load_tokenizer(tok_dir) if (tok_dir / "tokenizer.json").is_file() else None
     return model.eval(), tokenizer
+
+
+ADAPTER = "adapter.safetensors"
+
+
+def load_lora_checkpoint(tag_dir: Path, meta: dict[str, Any]) -> Any:
+    """The base model with this checkpoint's adapter merged in."""
+    from safetensors.torch import load_file
+
+    from lillm.loading import load_model
+    from lillm.lora import LoRAConfig, apply_lora, base_fingerprint, load_lora_state_dict, merge_lora
+
+    base, _ = load_model(meta["init_from"])
+    if base_fingerprint(base) != meta["base_fingerprint"]:
+        raise UserError(f"{tag_dir}: this LoRA adapter was trained on another base model than the one now at "
+                        f"{meta['init_from']} (weights differ); restore that base to use the adapter")
+    apply_lora(base, LoRAConfig(**meta["lora"]))
+    if not (tag_dir / ADAPTER).is_file():
+        raise UserError(f"{tag_dir}: no {ADAPTER} in this LoRA checkpoint")
+    load_lora_state_dict(base, load_file(tag_dir / ADAPTER), str(tag_dir / ADAPTER))
+    return merge_lora(base)
