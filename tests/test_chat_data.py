@@ -202,3 +202,13 @@ def test_loader_stream_is_the_same_at_any_world_size_and_resumes(tok, packing):
     assert all(torch.equal(next(its[(q - 5) % 2]).inputs, serial[q]) for q in range(5, 12))
     with pytest.raises(UserError, match="cannot resume"):
         ChatLoader(examples[:-1], 2, 0, 1, 5, 64, tok.pad_id).load_state_dict(first.state_dict())
+
+
+def test_builtin_pydoc_chat_set_serves_sft_and_dpo(tok):
+    cfg = ChatDataConfig(source="pydoc-chat", val_fraction=0.1)
+    sft, again = load_sft(cfg, tok, 256), load_sft(cfg, tok, 256)
+    assert sft.stats["records"] > 100 and len(sft.val) > 0
+    assert [e.ids.tolist() for e in sft.train] == [e.ids.tolist() for e in again.train]  # deterministic
+    prefs = load_preferences(cfg, tok, 256)
+    assert prefs.stats["records"] == sft.stats["records"]
+    assert all(c.ids.tolist() != r.ids.tolist() for c, r in prefs.train)

@@ -147,6 +147,19 @@ def test_sft_resume_is_bit_identical(sft_run, base, sft_data, tmp_path):
     assert sorted(got) == list(range(41, 81)) and all(got[s] == ref[s] for s in got), (got, ref)
 
 
+def test_sft_resume_on_one_rank_from_a_two_rank_checkpoint(sft_run, base, sft_data, tmp_path):
+    run_dir, _ = sft_run
+    one = _run_from_checkpoint(run_dir, tmp_path / "one", "step_00000040")
+    # The same global batch on one rank: twice the accumulation.
+    r = _launch("launch/sft.py", sft_args(base, sft_data, one, 80, "--train.grad_accum", "2"), ranks=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "universal format" in r.stdout and "at step 40" in r.stdout
+    ref, got = metrics(run_dir), metrics(one)
+    assert sorted(got) == list(range(41, 81))
+    for s in got:
+        assert got[s] == pytest.approx(ref[s], abs=1e-5)
+
+
 def test_dpo_with_lora_raises_the_margin_and_saves_only_the_adapter(dpo_run, sft_run):
     from safetensors.torch import load_file
 

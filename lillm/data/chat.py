@@ -1,7 +1,9 @@
 """Chat data for post-training: conversations (SFT), preference pairs (DPO), and their loader.
 
 Records come from a Hub dataset (`hf:NAME`, through `datasets.load_dataset`), local .jsonl / .json /
-.parquet files, a folder of them, or a folder saved by `Dataset.save_to_disk`. Per record:
+.parquet files, a folder of them, a folder saved by `Dataset.save_to_disk`, or `pydoc-chat`: a small
+built-in set (questions about standard-library functions answered by their docstrings' first paragraph,
+with another function's answer as the rejected reply) for trying SFT and DPO offline. Per record:
 
   SFT  {"messages": [{"role": ..., "content": ...}, ...]}          roles: system (first only), user, assistant
        {"prompt": "...", "response": "..."}                        (and an optional "system")
@@ -36,6 +38,10 @@ from lillm.errors import UserError
 from lillm.tokenizer import CHAT_ROLES, Tokenizer
 
 RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
+BUILTIN_CHAT = "pydoc-chat"
+_CHAT_MODULES = ("base64", "bisect", "calendar", "colorsys", "copy", "csv", "difflib", "fnmatch", "fractions", "glob",
+                 "gzip", "heapq", "hmac", "json", "os", "platform", "random", "secrets", "shlex", "shutil",
+                 "statistics", "string", "tempfile", "textwrap", "uuid", "warnings", "zipfile")
 IGNORE_INDEX = -100
 
 
@@ -68,6 +74,10 @@ def iter_records(spec: str, split: str = "train", hf_config: str | None = None) 
     """(where, record) pairs; `where` names the file and line or record index for error messages."""
     if not spec:
         raise UserError("no data source given (data.source)")
+    if spec == BUILTIN_CHAT:
+        for i, rec in enumerate(_builtin_chat()):
+            yield f"{BUILTIN_CHAT}: record {i}", rec
+        return
     if spec.startswith("hf:"):
         yield from _iter_dataset(spec[3:], split, hf_config)
         return
@@ -90,6 +100,31 @@ def iter_records(spec: str, split: str = "train", hf_config: str | None = None) 
             yield from _iter_parquet(f)
         else:
             yield from _iter_json(f)
+
+
+def _builtin_chat() -> Iterator[dict]:
+    """Deterministic question/answer records from the standard library's function docstrings (parsed, never
+    imported). Each holds `messages` (for SFT) and `prompt`/`chosen`/`rejected` (for DPO)."""
+    import ast
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    pairs = []
+    for mod in _CHAT_MODULES:
+        f = stdlib / f"{mod}.py"
+        if not f.is_file():
+            continue
+        for node in ast.parse(f.read_bytes()).body:
+            doc = ast.get_docstring(node) if isinstance(node, ast.FunctionDef) else None
+            if doc and not node.name.startswith("_"):
+                answer = " ".join(doc.split("\n\n")[0].split())
+                if 20 < len(answer) < 300 and not answer.startswith(node.name):  # skip bare signatures
+                    pairs.append((f"What does {mod}.{node.name}() do?", answer))
+    for i, (question, answer) in enumerate(pairs):
+        other = pairs[(i * 7 + 3) % len(pairs)][1]
+        yield {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+               "prompt": question, "chosen": answer,
+               "rejected": other if other != answer else "I do not know."}
 
 
 def _iter_json(f: Path) -> Iterator[tuple[str, dict]]:
