@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -165,18 +166,14 @@ def bench_loader(batch: int, seq: int, batches: int, repeats: int) -> dict:
     return {"lillm": summary(batch * seq * batches, timed(run, repeats))}
 
 
-def bench_deepspeed_overhead(steps: int) -> dict:
-    """tokens/s of launch/pretrain.py (DeepSpeed ZeRO-2, one rank, fp32) against a plain PyTorch loop doing the
-    same work: debug model, micro batch 8 x 256, AdamW, clipping, no eval or checkpoints in the window."""
-    import subprocess
-
+def _tiny_shards(work: Path) -> Path:
+    """Random-token shards (4M tokens) with a manifest, enough for timing a training loop."""
     import numpy as np
 
     from lillm.data.prepare import ShardWriter
     from lillm.files import write_json_atomic
     from lillm.tokenizer import train_tokenizer
 
-    work = Path(tempfile.mkdtemp())
     data = work / "data"
     data.mkdir()
     tok = train_tokenizer(["a b c d e f g"] * 10, vocab_size=300, progress=False)
@@ -187,18 +184,36 @@ def bench_deepspeed_overhead(steps: int) -> dict:
     manifest = {"format_version": 1, "dtype": "uint16", "splits": {"train": w.summary(), "val": w.summary()},
                 "tokenizer": {"fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size}}
     write_json_atomic(data / "manifest.json", manifest)
-    interval = max(1, steps // 4)
-    cmd = [sys.executable, "launch/pretrain.py", "--config", "launch/configs/debug.yaml", "--ds_config",
-           "ds_configs/zero2_cpu.json", "--data.dir", str(data), "--train.run_dir", str(work / "run"),
-           "--train.max_steps", str(steps), "--train.grad_accum", "1", "--train.log_interval", str(interval),
-           "--train.eval_interval", "0", "--train.ckpt_interval", str(10 * steps), "--train.tensorboard", "false"]
-    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
-    rows = [json.loads(line) for line in (work / "run/metrics.jsonl").read_text().splitlines()]
-    ds_rates = [r["perf/tokens_per_s"] for r in rows if "perf/tokens_per_s" in r][1:]  # first interval warms up
+    return data
 
+
+def _pretrain_rates(data: Path, run_dir: Path, steps: int, interval: int, ranks: int, env: dict) -> list[float]:
+    """tokens/s per logging interval of a real `launch/pretrain.py` run (the first interval warms up)."""
+    args = ["launch/pretrain.py", "--config", "launch/configs/debug.yaml", "--ds_config", "ds_configs/zero2_cpu.json",
+            "--data.dir", str(data), "--train.run_dir", str(run_dir), "--train.max_steps", str(steps),
+            "--train.grad_accum", "1", "--train.log_interval", str(interval), "--train.eval_interval", "0",
+            "--train.ckpt_interval", str(10 * steps), "--train.tensorboard", "false"]
+    launcher = [sys.executable] if ranks == 1 else [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus",
+                                                    str(ranks), "--master_port", "29911"]
+    subprocess.run([*launcher, *args], cwd=REPO, check=True, capture_output=True, env=env)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["perf/tokens_per_s"] for r in rows if "perf/tokens_per_s" in r][1:]
+
+
+def _spread(rates: list[float]) -> dict:
+    rates = sorted(rates)
+    return {"median": statistics.median(rates), "min": rates[0], "max": rates[-1], "n": len(rates)}
+
+
+def bench_deepspeed_overhead(steps: int) -> dict:
+    """launch/pretrain.py on 1 rank (ZeRO-2, fp32) against the same training step in a plain loop."""
     from lillm.train.engine import param_groups
     from lillm.train.loss import token_loss
 
+    work = Path(tempfile.mkdtemp())
+    interval = max(1, steps // 4)
+    ds_rates = _pretrain_rates(_tiny_shards(work), work / "run", steps, interval, 1,
+                               {**os.environ, "DS_ACCELERATOR": "cpu"})
     torch.manual_seed(0)
     model = LilLM(ModelConfig.from_preset("debug", vocab_size=4096))
     model.init_weights()
@@ -213,9 +228,40 @@ def bench_deepspeed_overhead(steps: int) -> dict:
         opt.zero_grad(set_to_none=True)
 
     plain = timed(lambda: [plain_step() for _ in range(interval)], max(1, len(ds_rates)))
-    rates = sorted(ds_rates)
-    return {"lillm": {"median": statistics.median(rates), "min": rates[0], "max": rates[-1], "n": len(rates)},
-            "plain PyTorch loop": summary(8 * 256 * interval, plain)}
+    return {"lillm": _spread(ds_rates), "plain PyTorch loop": summary(8 * 256 * interval, plain)}
+
+
+def bench_deepspeed_two_ranks(steps: int) -> dict:
+    """launch/pretrain.py through `deepspeed --num_gpus 2` against a torch DDP loop under torchrun, 2 CPU ranks
+    with one thread each, the same per-rank micro batch."""
+    work = Path(tempfile.mkdtemp())
+    interval = max(1, steps // 5)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    ds_rates = _pretrain_rates(_tiny_shards(work), work / "run", steps, interval, 2, env)
+    out = work / "ddp.json"
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29912", "benchmarks/ddp_loop.py", "--steps",
+                    str(steps), "--interval", str(interval), "--out", str(out)], cwd=REPO, check=True,
+                   capture_output=True, env=env)
+    ddp_rates = json.loads(out.read_text())["tokens_per_s"][1:]
+    return {"lillm": _spread(ds_rates), "torch DDP loop (torchrun, gloo)": _spread(ddp_rates)}
+
+
+def bench_memory(preset: str) -> dict:
+    """ZeRO-2 optimizer-state and gradient bytes per rank at world sizes 1 and 2, and the replicated figures."""
+    work = Path(tempfile.mkdtemp())
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    script = ["benchmarks/zero_memory.py", "--preset", preset]
+    subprocess.run([sys.executable, *script, "--replicated", "--out", str(work / "ddp.json")], cwd=REPO, check=True,
+                   capture_output=True, env=env)
+    out = {"replicated (DDP)": json.loads((work / "ddp.json").read_text())}
+    ds = str(Path(sys.executable).parent / "deepspeed")
+    for world in (1, 2):
+        f = work / f"zero{world}.json"
+        subprocess.run([ds, "--num_gpus", str(world), "--master_port", "29913", *script, "--out", str(f)], cwd=REPO,
+                       check=True, capture_output=True, env=env)
+        out[f"ZeRO-2 world {world}"] = json.loads(f.read_text())["per_rank"][0]
+    return out
 
 
 def table(results: dict) -> str:
@@ -234,10 +280,20 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def memory_table(mem: dict) -> str:
+    mb = lambda b: f"{b / 1e6:,.1f}"  # noqa: E731
+    lines = ["| lil-39m, fp32, per rank | optimizer state MB | gradients MB |", "|---|---|---|"]
+    for name, r in mem.items():
+        extra = f" (Adam {mb(r['adam_state_bytes'])} + fp32 master {mb(r['fp32_master_bytes'])})" if (
+            "adam_state_bytes" in r) else ""
+        lines.append(f"| {name} | {mb(r['optimizer_state_bytes'])}{extra} | {mb(r['gradient_bytes'])} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", nargs="*", default=["train", "decode", "prepare", "loader", "deepspeed"],
-                    help="which benchmarks to run: train decode prepare loader deepspeed")
+    ap.add_argument("--only", nargs="*", default=["train", "decode", "prepare", "loader", "deepspeed", "memory"],
+                    help="which benchmarks to run: train decode prepare loader deepspeed memory")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement")
     ap.add_argument("--bf16", action="store_true", help="also time bf16 training (very slow on CPUs without AMX)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd training steps")
@@ -272,6 +328,13 @@ def main() -> None:
         name = "pretrain.py (DeepSpeed ZeRO-2, 1 rank, fp32) debug B8xT256 (tok/s)"
         results[name] = bench_deepspeed_overhead(80)
         print(name, json.dumps(results[name]), flush=True)
+        name = "pretrain.py (DeepSpeed ZeRO-2, 2 CPU ranks x 1 thread, fp32) debug B8xT256 per rank (tok/s)"
+        results[name] = bench_deepspeed_two_ranks(100)
+        print(name, json.dumps(results[name]), flush=True)
+    if "memory" in args.only:
+        mem = bench_memory("lil-39m")
+        results["memory lil-39m fp32 (bytes per rank)"] = mem
+        print("memory", json.dumps(mem), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{platform.node()}.json"
@@ -279,6 +342,9 @@ def main() -> None:
     path.write_text(json.dumps({**previous, **results}, indent=2) + "\n")  # --only updates its rows
     print()
     print(table(results))
+    if "memory lil-39m fp32 (bytes per rank)" in results:
+        print()
+        print(memory_table(results["memory lil-39m fp32 (bytes per rank)"]))
 
 
 if __name__ == "__main__":
