@@ -152,3 +152,14 @@ def test_keep_last_k_and_resolution(tmp_path):
     assert resolve_checkpoint("auto", tmp_path / "empty") is None
     with pytest.raises(UserError, match="not found"):
         resolve_checkpoint("step_00000099", tmp_path)
+
+
+@pytest.mark.parametrize("objective", ["pretrain", "sft", "dpo"])
+def test_every_training_option_has_help_text(objective):
+    from lillm.train import posttrain, pretrain
+
+    parser = pretrain.build_parser() if objective == "pretrain" else posttrain.build_parser(objective)
+    missing = [a.dest for a in parser._actions if a.option_strings and a.dest not in ("help", "print_config")
+               and "." in a.dest and not (a.help or "").strip()]
+    assert not missing, missing
+    assert "Peak learning rate" in parser.format_help()

@@ -221,3 +221,45 @@ def load_lora_checkpoint(tag_dir: Path, meta: dict[str, Any]) -> Any:
         raise UserError(f"{tag_dir}: no {ADAPTER} in this LoRA checkpoint")
     load_lora_state_dict(base, load_file(tag_dir / ADAPTER), str(tag_dir / ADAPTER))
     return merge_lora(base)
+
+
+def tag_for_world_size(tag_dir: Path, meta: dict[str, Any], world: int, rank: int, ds_cfg: dict[str, Any],
+                       log: Any) -> Path:
+    """The tag to load at this world size: the checkpoint itself, or (saved by another number of ranks) its
+    universal conversion, made once by rank 0, with `ds_cfg` switched to load the universal format."""
+    import torch.distributed as dist
+
+    if meta["world_size"] == world:
+        return tag_dir
+    log.info(f"resuming a {meta['world_size']}-rank checkpoint on {world} ranks: converting {tag_dir.name} to "
+             "DeepSpeed's universal format")
+    if rank == 0:
+        convert_to_universal(tag_dir)
+    dist.barrier()
+    ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
+    return tag_dir.with_name(tag_dir.name + "_universal")
+
+
+def load_engine_checkpoint(engine: Any, tag_dir: Path, meta: dict[str, Any], world: int, rank: int,
+                           strict: bool = True) -> dict[str, Any]:
+    """Load DeepSpeed's states (module, optimizer) and this rank's RNG; returns lillm's client state.
+
+    strict=False for LoRA checkpoints, which hold no frozen weights. RNG states are per rank, so they are
+    restored only at the world size that saved them.
+    """
+    load_path, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_lr_scheduler_states=False,
+                                               load_module_strict=strict)
+    if load_path is None:
+        raise UserError(f"DeepSpeed could not load checkpoint {tag_dir}")
+    rng_file = tag_dir / f"rng_rank{rank}.pt"
+    if rng_file.is_file() and meta["world_size"] == world:
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return client["lillm"]
+
+
+def write_run_files(run_dir: Path, config_yaml: str, ds_cfg: dict[str, Any], tokenizer: Any) -> None:
+    """The resolved configuration, the filled ds_config and the tokenizer, next to the checkpoints (rank 0)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(config_yaml)
+    (run_dir / "ds_config.json").write_text(json.dumps(ds_cfg, indent=2) + "\n")
+    tokenizer.save(run_dir / "tokenizer")

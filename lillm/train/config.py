@@ -144,3 +144,14 @@ def plan_batches(train: TrainConfig, seq_len: int, world_size: int) -> BatchPlan
     accum = accum or 1
     steps = train.max_steps or math.ceil(train.max_tokens / (per_micro * accum))
     return BatchPlan(train.micro_batch_size, seq_len, accum, world_size, steps)
+
+
+def new_parser(prog: str, description: str, config_help: str):
+    """A jsonargparse parser with `--config FILE.yaml`, whose dataclass sections take their `--help` text from
+    the one-line docstrings under each field."""
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    parser = ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", action=ActionConfigFile, help=config_help)
+    return parser

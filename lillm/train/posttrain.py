@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -36,13 +35,14 @@ from lillm.lora import LoRAConfig, adapters_disabled, apply_lora, base_fingerpri
 from lillm.train.checkpoint import (
     ADAPTER,
     Checkpointer,
-    convert_to_universal,
+    load_engine_checkpoint,
     read_meta,
     resolve_checkpoint,
-    set_rng_state,
+    tag_for_world_size,
     universal_info,
+    write_run_files,
 )
-from lillm.train.config import TrainConfig, plan_batches
+from lillm.train.config import TrainConfig, new_parser, plan_batches
 from lillm.train.ds_config import fill_ds_config, load_ds_config, precision
 from lillm.train.engine import (
     StopFlag,
@@ -87,12 +87,10 @@ class PostTrainConfig:
 
 
 def build_parser(objective: Objective):
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
     what = {"sft": "Supervised fine-tuning", "dpo": "Direct preference optimisation"}[objective]
-    parser = ArgumentParser(prog=f"{objective}.py", description=f"{what} of a lillm model with DeepSpeed (ZeRO-2).")
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with init_from and data/train/lora"
-                        + ("/dpo" if objective == "dpo" else "") + " sections.")
+    sections = "data/train/lora" + ("/dpo" if objective == "dpo" else "")
+    parser = new_parser(f"{objective}.py", f"{what} of a lillm model with DeepSpeed (ZeRO-2).",
+                        f"YAML file with init_from and {sections} sections.")
     parser.add_argument("--init_from", type=str, required=True,
                         help="Starting model: a run directory, a checkpoint, or an exported transformers directory.")
     parser.add_argument("--ds_config", type=str, default="ds_configs/zero2.json",
@@ -175,14 +173,7 @@ def run(cfg: PostTrainConfig, config_yaml: str, objective: Objective) -> int:
         if lora.enabled and meta.get("base_fingerprint") != base_fp:
             raise UserError(f"cannot resume {tag_dir}: its LoRA adapter was trained on another base model than "
                             f"{cfg.init_from}")
-        if meta["world_size"] != world:
-            log.info(f"resuming a {meta['world_size']}-rank checkpoint on {world} ranks: converting "
-                     f"{tag_dir.name} to DeepSpeed's universal format")
-            if rank == 0:
-                convert_to_universal(tag_dir)
-            dist.barrier()
-            tag_dir = tag_dir.with_name(tag_dir.name + "_universal")
-            ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
+        tag_dir = tag_for_world_size(tag_dir, meta, world, rank, ds_cfg, log)
 
     # -- engine -------------------------------------------------------------------------------------------
     engine, optimizer = initialize_engine(model, ds_cfg, param_groups(model, train.weight_decay), device,
@@ -196,22 +187,13 @@ def run(cfg: PostTrainConfig, config_yaml: str, objective: Objective) -> int:
 
     step = 0
     if tag_dir is not None:
-        load_path, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
-                                                   load_lr_scheduler_states=False, load_module_strict=not lora.enabled)
-        if load_path is None:
-            raise UserError(f"DeepSpeed could not load checkpoint {tag_dir}")
-        step = client["lillm"]["step"]
-        loader.load_state_dict(client["lillm"]["loader"])
-        rng_file = tag_dir / f"rng_rank{rank}.pt"
-        if rng_file.is_file() and meta["world_size"] == world:
-            set_rng_state(torch.load(rng_file, weights_only=False))
+        state = load_engine_checkpoint(engine, tag_dir, meta, world, rank, strict=not lora.enabled)
+        step = state["step"]
+        loader.load_state_dict(state["loader"])
         log.info(f"resumed from {tag_dir} at step {step}")
 
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_yaml)
-        (run_dir / "ds_config.json").write_text(json.dumps(ds_cfg, indent=2) + "\n")
-        tokenizer.save(run_dir / "tokenizer")
+        write_run_files(run_dir, config_yaml, ds_cfg, tokenizer)
     writer = MetricsWriter(str(run_dir / "tensorboard") if rank == 0 and train.tensorboard else None,
                            run_dir / "metrics.jsonl" if rank == 0 else None)
     ckpt = Checkpointer(run_dir, train.keep_checkpoints, rank, world)

@@ -8,7 +8,6 @@ global data stream, and steps in lockstep. Rank 0 logs, writes TensorBoard event
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -26,13 +25,14 @@ from lillm.model import LilLM
 from lillm.tokenizer import load_tokenizer
 from lillm.train.checkpoint import (
     Checkpointer,
-    convert_to_universal,
+    load_engine_checkpoint,
     read_meta,
     resolve_checkpoint,
-    set_rng_state,
+    tag_for_world_size,
     universal_info,
+    write_run_files,
 )
-from lillm.train.config import DataConfig, TrainConfig, plan_batches
+from lillm.train.config import DataConfig, TrainConfig, new_parser, plan_batches
 from lillm.train.ds_config import fill_ds_config, load_ds_config, precision
 from lillm.train.engine import (
     StopFlag,
@@ -59,10 +59,8 @@ class RunConfig:
 
 
 def build_parser():
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    parser = ArgumentParser(prog="pretrain.py", description="Pretrain a lillm model with DeepSpeed (ZeRO-2).")
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with model/data/train sections.")
+    parser = new_parser("pretrain.py", "Pretrain a lillm model with DeepSpeed (ZeRO-2).",
+                        "YAML file with model/data/train sections.")
     parser.add_argument("--ds_config", type=str, default="ds_configs/zero2.json",
                         help="DeepSpeed JSON; batch, lr and clipping keys may be \"auto\" (filled from --train).")
     parser.add_argument("--local_rank", type=int, default=-1, help="Set by the deepspeed launcher; not for users.")
@@ -117,14 +115,7 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
     if tag_dir is not None:
         meta = read_meta(tag_dir)
         check_resumable(meta, tag_dir, model_cfg, tokenizer)
-        if meta["world_size"] != world:
-            log.info(f"resuming a {meta['world_size']}-rank checkpoint on {world} ranks: converting "
-                     f"{tag_dir.name} to DeepSpeed's universal format")
-            if rank == 0:
-                convert_to_universal(tag_dir)
-            dist.barrier()
-            tag_dir = tag_dir.with_name(tag_dir.name + "_universal")
-            ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
+        tag_dir = tag_for_world_size(tag_dir, meta, world, rank, ds_cfg, log)
 
     # -- model and engine ---------------------------------------------------------------------------
     torch.manual_seed(train.seed)
@@ -139,25 +130,15 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
 
     step, tokens_seen = 0, 0
     if tag_dir is not None:
-        load_path, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
-                                                   load_lr_scheduler_states=False)
-        if load_path is None:
-            raise UserError(f"DeepSpeed could not load checkpoint {tag_dir}")
-        state = client["lillm"]
+        state = load_engine_checkpoint(engine, tag_dir, meta, world, rank)
         step, tokens_seen = state["step"], state["tokens_seen"]
         loader.load_state_dict(state["loader"])
-        rng_file = tag_dir / f"rng_rank{rank}.pt"
-        if rng_file.is_file() and meta["world_size"] == world:
-            set_rng_state(torch.load(rng_file, weights_only=False))
         log.info(f"resumed from {tag_dir} at step {step} ({tokens_seen:,} tokens, data position "
                  f"{loader.global_position:,} windows)")
 
     # -- run directory ------------------------------------------------------------------------------
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_yaml)
-        (run_dir / "ds_config.json").write_text(json.dumps(ds_cfg, indent=2) + "\n")
-        tokenizer.save(run_dir / "tokenizer")
+        write_run_files(run_dir, config_yaml, ds_cfg, tokenizer)
     writer = MetricsWriter(str(run_dir / "tensorboard") if rank == 0 and train.tensorboard else None,
                            run_dir / "metrics.jsonl" if rank == 0 else None)
     ckpt = Checkpointer(run_dir, train.keep_checkpoints, rank, world)
