@@ -292,6 +292,10 @@ def test_bad_inputs_exit_cleanly(base, sft_run, dpo_run, sft_data, dpo_data, tmp
     r = _launch("launch/dpo.py", dpo_args(base, dpo_data, dpo_dir, 20), ranks=1, timeout=300)
     assert r.returncode == 2 and "trained on another base model" in r.stderr, r.stderr[-2000:]
     assert sorted(p.name for p in (dpo_dir / "checkpoints").iterdir()) == before
+    # A LoRA checkpoint at another world size: refused (DeepSpeed's universal conversion gets it wrong).
+    r = _launch("launch/dpo.py", dpo_args(sft_run[0], dpo_data, dpo_dir, 20), ranks=1, timeout=300)
+    assert r.returncode == 2 and "resume only at their own world size" in r.stderr, r.stderr[-2000:]
+    assert sorted(p.name for p in (dpo_dir / "checkpoints").iterdir()) == before
     # ... and merging it into a base that changed since.
     meta = json.loads((dpo_dir / "checkpoints/step_00000016/lillm.json").read_text())
     copy = tmp_path / "dpo_copy"
