@@ -155,3 +155,13 @@ def new_parser(prog: str, description: str, config_help: str):
     parser = ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", action=ActionConfigFile, help=config_help)
     return parser
+
+
+def parse(parser, argv: list[str] | None) -> tuple:
+    """(namespace, its YAML rendering, instantiated dataclasses); invalid values become a UserError."""
+    try:
+        ns = parser.parse_args(argv)
+        yaml = parser.dump(ns, skip_none=False)
+        return ns, yaml, parser.instantiate_classes(ns)
+    except ValueError as e:
+        raise UserError(str(e)) from None

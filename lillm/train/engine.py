@@ -116,3 +116,18 @@ def check_resumable(meta: dict[str, Any], tag_dir: Any, model_config: ModelConfi
         raise UserError(f"cannot resume {tag_dir}: it was trained with another model config (saved, now): {diff}")
     if meta["tokenizer_fingerprint"] != tokenizer.fingerprint:
         raise UserError(f"cannot resume {tag_dir}: it was trained with another tokenizer")
+
+
+def run_script(name: str, body) -> None:
+    """Run a training entry point: a UserError becomes one line on stderr and exit 2; the process group is
+    torn down either way."""
+    import sys
+
+    try:
+        code = body()
+    except UserError as e:
+        print(f"{name}: error: {e}", file=sys.stderr, flush=True)
+        code = 2
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(code)

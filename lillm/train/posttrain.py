@@ -42,7 +42,7 @@ from lillm.train.checkpoint import (
     universal_info,
     write_run_files,
 )
-from lillm.train.config import TrainConfig, new_parser, plan_batches
+from lillm.train.config import TrainConfig, new_parser, parse, plan_batches
 from lillm.train.ds_config import fill_ds_config, load_ds_config, precision
 from lillm.train.engine import (
     StopFlag,
@@ -52,10 +52,11 @@ from lillm.train.engine import (
     initialize_engine,
     local_device,
     param_groups,
+    run_script,
 )
 from lillm.train.loss import preference_loss, sequence_logps, token_loss
 from lillm.train.metrics import MetricsWriter, format_duration, get_logger
-from lillm.train.schedule import lr_at
+from lillm.train.schedule import apply_lr
 
 Objective = Literal["sft", "dpo"]
 
@@ -105,13 +106,7 @@ def build_parser(objective: Objective):
 
 
 def parse_config(objective: Objective, argv: list[str] | None = None) -> tuple[PostTrainConfig, str]:
-    parser = build_parser(objective)
-    try:
-        ns = parser.parse_args(argv)
-        yaml = parser.dump(ns, skip_none=False)
-        init = parser.instantiate_classes(ns)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    ns, yaml, init = parse(build_parser(objective), argv)
     cfg = PostTrainConfig(init_from=ns.init_from, data=init.data, train=init.train, lora=init.lora,
                           dpo=init.dpo if objective == "dpo" else None, ds_config=ns.ds_config)
     return cfg, yaml
@@ -307,10 +302,7 @@ def run(cfg: PostTrainConfig, config_yaml: str, objective: Objective) -> int:
     start_step, run_start = step, time.perf_counter()
     try:
         while step < plan.max_steps:
-            lr = lr_at(step, lr=train.lr, min_lr=train.min_lr, warmup_steps=train.warmup_steps,
-                       max_steps=plan.max_steps, schedule=train.schedule, decay_fraction=train.decay_fraction)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = apply_lr(optimizer, step, train, plan.max_steps)
             micro = [next(batches) for _ in range(plan.grad_accum)]
             if not pairs:
                 # The global count of learned tokens in this step: each micro-batch's loss is a share of it.
@@ -388,13 +380,4 @@ def run(cfg: PostTrainConfig, config_yaml: str, objective: Objective) -> int:
 
 def main(objective: Objective, argv: list[str] | None = None) -> None:
     """Entry point of launch/sft.py and launch/dpo.py."""
-    try:
-        cfg, yaml = parse_config(objective, argv)
-        code = run(cfg, yaml, objective)
-    except UserError as e:
-        print(f"{objective}: error: {e}", file=sys.stderr, flush=True)
-        code = 2
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    sys.exit(code)
-
+    run_script(objective, lambda: run(*parse_config(objective, argv), objective))

@@ -32,7 +32,7 @@ from lillm.train.checkpoint import (
     universal_info,
     write_run_files,
 )
-from lillm.train.config import DataConfig, TrainConfig, new_parser, plan_batches
+from lillm.train.config import DataConfig, TrainConfig, new_parser, parse, plan_batches
 from lillm.train.ds_config import fill_ds_config, load_ds_config, precision
 from lillm.train.engine import (
     StopFlag,
@@ -42,10 +42,11 @@ from lillm.train.engine import (
     initialize_engine,
     local_device,
     param_groups,
+    run_script,
 )
 from lillm.train.loss import token_loss
 from lillm.train.metrics import MetricsWriter, detect_peak_tflops, format_duration, get_logger
-from lillm.train.schedule import lr_at
+from lillm.train.schedule import apply_lr
 
 
 @dataclasses.dataclass
@@ -72,13 +73,7 @@ def build_parser():
 
 def parse_config(argv: list[str] | None = None) -> tuple[RunConfig, str]:
     """Parse command line and YAML into a RunConfig; returns it with its YAML rendering."""
-    parser = build_parser()
-    try:
-        ns = parser.parse_args(argv)
-        yaml = parser.dump(ns, skip_none=False)
-        init = parser.instantiate_classes(ns)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    ns, yaml, init = parse(build_parser(), argv)
     return RunConfig(model=init.model, data=init.data, train=init.train, ds_config=ns.ds_config), yaml
 
 
@@ -204,10 +199,7 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
     normalizer = plan.micro_batch_size * seq_len  # every window is full: the micro-batch mean
     try:
         while step < plan.max_steps:
-            lr = lr_at(step, lr=train.lr, min_lr=train.min_lr, warmup_steps=train.warmup_steps,
-                       max_steps=plan.max_steps, schedule=train.schedule, decay_fraction=train.decay_fraction)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = apply_lr(optimizer, step, train, plan.max_steps)
             step_loss = 0.0
             for _ in range(plan.grad_accum):
                 t = time.perf_counter()
@@ -296,12 +288,4 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of launch/pretrain.py."""
-    try:
-        cfg, yaml = parse_config(argv)
-        code = run(cfg, yaml)
-    except UserError as e:
-        print(f"pretrain: error: {e}", file=sys.stderr, flush=True)
-        code = 2
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    sys.exit(code)
+    run_script("pretrain", lambda: run(*parse_config(argv)))

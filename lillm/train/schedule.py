@@ -30,3 +30,12 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: 
     if schedule == "cosine":
         return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * frac))
     raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def apply_lr(optimizer, step: int, train, max_steps: int) -> float:
+    """Set every parameter group's lr for `step` from the training config's schedule; returns it."""
+    lr = lr_at(step, lr=train.lr, min_lr=train.min_lr, warmup_steps=train.warmup_steps, max_steps=max_steps,
+               schedule=train.schedule, decay_fraction=train.decay_fraction)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
