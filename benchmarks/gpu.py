@@ -27,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -55,17 +56,11 @@ def build(preset: str, dtype: torch.dtype, device: torch.device, which: str) -> 
     return theirs.to(device)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def measure(which: str, preset: str, batch: int, seq: int, compiled: bool, dtype: torch.dtype,
-            device: torch.device, steps: int, peak_tflops: float) -> dict:
-    model = build(preset, dtype, device, which).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))
+def train_step(model: torch.nn.Module, x: torch.Tensor, compiled: bool) -> Callable[[], None]:
+    """One forward + backward + fused AdamW step of `model` (lillm or transformers) on tokens x (B, T+1)."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=x.device.type in ("cuda", "cpu"))
     fwd = torch.compile(model) if compiled else model
-    x = torch.randint(0, model.config.vocab_size, (batch, seq + 1), device=device)
 
     def step() -> None:
         out = fwd(x[:, :-1])
@@ -74,6 +69,20 @@ def measure(which: str, preset: str, batch: int, seq: int, compiled: bool, dtype
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(which: str, preset: str, batch: int, seq: int, compiled: bool, dtype: torch.dtype,
+            device: torch.device, steps: int, peak_tflops: float) -> dict:
+    model = build(preset, dtype, device, which)
+    x = torch.randint(0, model.config.vocab_size, (batch, seq + 1), device=device)
+    step = train_step(model, x, compiled)
 
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -29,6 +29,9 @@ from lillm import LilLM, ModelConfig  # noqa: E402
 from lillm.generate import SamplingConfig, generate  # noqa: E402
 from lillm.hf import export_hf  # noqa: E402
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+from gpu import train_step  # noqa: E402  (the same step on CPU and GPU)
+
 
 def timed(fn, repeats: int, warmup: int = 1) -> list[float]:
     for _ in range(warmup):
@@ -65,18 +68,7 @@ def bench_train(preset: str, dtype: torch.dtype, compile_: bool, batch: int, seq
     x = torch.randint(0, ours.config.vocab_size, (batch, seq + 1))
     results = {}
     for name, model in (("lillm", ours), ("transformers", theirs)):
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        fwd = torch.compile(model) if compile_ else model
-
-        def step(fwd=fwd, opt=opt):
-            out = fwd(x[:, :-1])
-            logits = out if torch.is_tensor(out) else out.logits
-            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
+        step = train_step(model, x, compile_)
         results[name] = summary(batch * seq, timed(step, repeats, warmup=2 if compile_ else 1))
     return results
 

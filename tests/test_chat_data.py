@@ -9,21 +9,20 @@ import pytest
 import torch
 
 from lillm.data.chat import (
-    IGNORE_INDEX,
     ChatDataConfig,
     ChatLoader,
     Example,
+    chat_example,
     collate,
     fit,
     load_preferences,
     load_sft,
     pack,
     preference,
-    sft_example,
 )
 from lillm.errors import UserError
 from lillm.tokenizer import load_tokenizer
-from lillm.train.loss import token_loss
+from lillm.train.loss import IGNORE_INDEX, token_loss
 
 from .conftest import tiny_model
 
@@ -42,7 +41,7 @@ def tok(tokenizer_dir):
 
 
 def test_exact_loss_mask_of_a_multi_turn_conversation(tok):
-    ex = sft_example(tok, CONVERSATION)
+    ex = chat_example(tok, CONVERSATION)
     # Expected ids and mask, written out piece by piece from the format's definition.
     ids, learn = [tok.bos_id], [False]
     for m in CONVERSATION:
@@ -78,7 +77,7 @@ def test_packing_leaks_nothing_between_conversations(tok):
     model = tiny_model(vocab_size=tok.vocab_size)
     convs = [CONVERSATION, CONVERSATION[1:3], [{"role": "user", "content": "Name a color."},
                                                {"role": "assistant", "content": "Blue."}]]
-    examples = [sft_example(tok, c) for c in convs]
+    examples = [chat_example(tok, c) for c in convs]
     packed = collate(pack(examples, np.arange(3), 10_000, True), tok.pad_id, packed=True)
     assert packed.inputs.shape[0] == 1 and packed.mask is not None
     alone = [collate(pack([e], np.arange(1), 10_000, False), tok.pad_id, packed=False) for e in examples]
@@ -101,7 +100,7 @@ def test_packing_leaks_nothing_between_conversations(tok):
 
 
 def test_padding_is_masked_from_the_loss(tok):
-    rows = pack([sft_example(tok, CONVERSATION), sft_example(tok, CONVERSATION[1:3])], np.arange(2), 10_000, False)
+    rows = pack([chat_example(tok, CONVERSATION), chat_example(tok, CONVERSATION[1:3])], np.arange(2), 10_000, False)
     batch = collate(rows, tok.pad_id, packed=False)
     short = len(rows[1].ids)
     assert (batch.inputs[1, short:] == tok.pad_id).all()
@@ -168,7 +167,7 @@ def test_hub_code_path_reads_a_local_dataset_folder(tok, tmp_path):
     folder.mkdir()
     _write(folder / "train.jsonl", [{"messages": CONVERSATION}, {"prompt": "Hi", "response": "Hello."}])
     data = load_sft(ChatDataConfig(source=f"hf:{folder}", val_fraction=0), tok, seq_len=128)
-    assert data.stats["records"] == 2 and data.train[0].ids.tolist() == sft_example(tok, CONVERSATION).ids.tolist()
+    assert data.stats["records"] == 2 and data.train[0].ids.tolist() == chat_example(tok, CONVERSATION).ids.tolist()
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -178,7 +177,7 @@ def test_hub_code_path_reads_a_local_dataset_folder(tok, tmp_path):
 
 @pytest.mark.parametrize("packing", [False, True])
 def test_loader_stream_is_the_same_at_any_world_size_and_resumes(tok, packing):
-    examples = [sft_example(tok, [{"role": "user", "content": f"Question {i}?"},
+    examples = [chat_example(tok, [{"role": "user", "content": f"Question {i}?"},
                                   {"role": "assistant", "content": "Answer " * (1 + i % 5)}]) for i in range(23)]
 
     def loader(rank, world):

@@ -99,7 +99,7 @@ def test_preference_losses():
 
 
 def test_dpo_steps_raise_the_margin_of_a_toy_set(tokenizer_dir):
-    from lillm.data.chat import collate, dpo_example, pack
+    from lillm.data.chat import chat_example, collate, pack
     from lillm.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
@@ -109,7 +109,8 @@ def test_dpo_steps_raise_the_margin_of_a_toy_set(tokenizer_dir):
     rows = []
     for which in (1, 2):
         for p in pairs:
-            rows += pack([dpo_example(tok, [{"role": "user", "content": p[0]}], p[which])], [0], 1000, False)
+            conv = [{"role": "user", "content": p[0]}, {"role": "assistant", "content": p[which]}]
+            rows += pack([chat_example(tok, conv, last_reply_only=True)], [0], 1000, False)
     batch = collate(rows, tok.pad_id, packed=False)
     opt = torch.optim.AdamW(policy.parameters(), lr=3e-3)
 

@@ -36,13 +36,13 @@ import torch
 
 from lillm.errors import UserError
 from lillm.tokenizer import CHAT_ROLES, Tokenizer
+from lillm.train.loss import IGNORE_INDEX
 
 RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
 BUILTIN_CHAT = "pydoc-chat"
 _CHAT_MODULES = ("base64", "bisect", "calendar", "colorsys", "copy", "csv", "difflib", "fnmatch", "fractions", "glob",
                  "gzip", "heapq", "hmac", "json", "os", "platform", "random", "secrets", "shlex", "shutil",
                  "statistics", "string", "tempfile", "textwrap", "uuid", "warnings", "zipfile")
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -268,19 +268,14 @@ class Example:
     learn: np.ndarray  # bool (n,)
 
 
-def sft_example(tok: Tokenizer, messages: list[dict[str, str]]) -> Example:
+def chat_example(tok: Tokenizer, messages: list[dict[str, str]], last_reply_only: bool = False) -> Example:
+    """Tokenize a conversation; the learned tokens are every assistant reply (SFT) or only the last (DPO,
+    which compares the final replies and never learns earlier turns)."""
     ids = tok.encode_chat(messages)
     learn = np.zeros(len(ids), dtype=bool)
-    for a, b in tok.assistant_spans(ids):
+    spans = tok.assistant_spans(ids)
+    for a, b in spans[-1:] if last_reply_only else spans:
         learn[a:b] = True
-    return Example(np.asarray(ids, dtype=np.int64), learn)
-
-
-def dpo_example(tok: Tokenizer, prompt: list[dict[str, str]], reply: str) -> Example:
-    ids = tok.encode_chat([*prompt, {"role": "assistant", "content": reply}])
-    learn = np.zeros(len(ids), dtype=bool)
-    a, b = tok.assistant_spans(ids)[-1]  # only the reply being compared, never earlier turns
-    learn[a:b] = True
     return Example(np.asarray(ids, dtype=np.int64), learn)
 
 
@@ -309,7 +304,7 @@ def load_sft(cfg: ChatDataConfig, tok: Tokenizer, seq_len: int) -> ChatData:
     for where, rec in iter_records(cfg.source, cfg.split, cfg.hf_config):
         msgs = conversation(rec, where)
         stats["records"] += 1
-        ex = sft_example(tok, msgs)
+        ex = chat_example(tok, msgs)
         fitted = fit(ex, seq_len + 1, cfg.overlong)
         if fitted is None:
             stats["dropped_overlong"] += 1
@@ -325,7 +320,8 @@ def load_preferences(cfg: ChatDataConfig, tok: Tokenizer, seq_len: int) -> ChatD
     for where, rec in iter_records(cfg.source, cfg.split, cfg.hf_config):
         prompt, chosen, rejected = preference(rec, where)
         stats["records"] += 1
-        pair = [dpo_example(tok, prompt, reply) for reply in (chosen, rejected)]
+        pair = [chat_example(tok, [*prompt, {"role": "assistant", "content": reply}], last_reply_only=True)
+                for reply in (chosen, rejected)]
         fitted = [fit(ex, seq_len + 1, cfg.overlong) for ex in pair]
         if fitted[0] is None or fitted[1] is None:
             stats["dropped_overlong"] += 1
@@ -354,13 +350,14 @@ class Row:
 
 def pack(examples: list[Example], order: np.ndarray, max_len: int, packing: bool) -> list[Row]:
     """Rows in `order`; with packing, consecutive examples fill a row while they fit (first fit, in order)."""
-    rows, cur = [], []
+    rows, cur, cur_len = [], [], 0
     for i in order:
         ex = examples[i]
-        if cur and (not packing or sum(len(e.ids) for e in cur) + len(ex.ids) > max_len):
+        if cur and (not packing or cur_len + len(ex.ids) > max_len):
             rows.append(_row(cur))
-            cur = []
+            cur, cur_len = [], 0
         cur.append(ex)
+        cur_len += len(ex.ids)
     if cur:
         rows.append(_row(cur))
     return rows
@@ -369,6 +366,11 @@ def pack(examples: list[Example], order: np.ndarray, max_len: int, packing: bool
 def _row(examples: list[Example]) -> Row:
     seg = np.concatenate([np.full(len(e.ids), k, dtype=np.int32) for k, e in enumerate(examples)])
     return Row(np.concatenate([e.ids for e in examples]), np.concatenate([e.learn for e in examples]), seg)
+
+
+def collate_pairs(pairs: list[tuple[Example, Example]], pad_id: int) -> Batch:
+    """B preference pairs as one batch of 2B rows: the chosen replies, then the rejected ones in the same order."""
+    return collate([_row([c]) for c, _ in pairs] + [_row([r]) for _, r in pairs], pad_id, False)
 
 
 @dataclass
@@ -468,7 +470,7 @@ class ChatLoader:
             epoch += 1
         rows = self._rows(epoch)[q * self.micro_batch_size : (q + 1) * self.micro_batch_size]
         if self.pairs:
-            return collate([_row([c]) for c, _ in rows] + [_row([r]) for _, r in rows], self.pad_id, False)
+            return collate_pairs(rows, self.pad_id)
         return collate(rows, self.pad_id, self.packing)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -494,6 +496,6 @@ def validation_batches(rows: list[Any], micro_batch_size: int, rank: int, world_
     for i in range(0, len(mine), micro_batch_size):
         chunk = mine[i : i + micro_batch_size]
         if pairs:
-            yield collate([_row([c]) for c, _ in chunk] + [_row([r]) for _, r in chunk], pad_id, False)
+            yield collate_pairs(chunk, pad_id)
         else:
             yield collate([_row([e]) for e in chunk], pad_id, False)

@@ -59,6 +59,9 @@ from lillm.train.metrics import MetricsWriter, format_duration, get_logger
 from lillm.train.schedule import apply_lr
 
 Objective = Literal["sft", "dpo"]
+# What DPO metrics are summed from, per micro-batch: pair count, then per-pair sums (averaged over pairs).
+DPO_SUMS = ("pairs", "loss", "accuracy", "reward_margin", "rewards_chosen", "rewards_rejected", "logps_chosen",
+            "logps_rejected")
 
 
 @dataclass
@@ -252,9 +255,8 @@ def run(cfg: PostTrainConfig, config_yaml: str, objective: Objective) -> int:
         return losses.mean(), sums
 
     def dpo_scalars(sums: dict[str, float], prefix: str) -> dict[str, float]:
-        keys = sorted(k for k in sums if k != "pairs")
-        totals = all_reduce([sums["pairs"]] + [sums[k] for k in keys], device)
-        return {f"{prefix}/{k}": v / max(totals[0], 1) for k, v in zip(keys, totals[1:])}
+        totals = all_reduce([sums[k] for k in DPO_SUMS], device)
+        return {f"{prefix}/{k}": v / max(totals[0], 1) for k, v in zip(DPO_SUMS[1:], totals[1:])}
 
     def evaluate(at_step: int) -> dict[str, float]:
         engine.eval()
@@ -262,11 +264,10 @@ def run(cfg: PostTrainConfig, config_yaml: str, objective: Objective) -> int:
         with torch.no_grad():
             batches = validation_batches(data.val, plan.micro_batch_size, rank, world, pad_id, pairs)
             if pairs:
-                sums = dict.fromkeys(("pairs", "loss", "accuracy", "reward_margin", "rewards_chosen",
-                                      "rewards_rejected", "logps_chosen", "logps_rejected"), 0.0)
+                sums = dict.fromkeys(DPO_SUMS, 0.0)  # all keys even on a rank without validation pairs
                 for batch in batches:
                     _, s = dpo_terms(batch.to(device))
-                    sums = {k: sums[k] + s[k] for k in sums}
+                    sums = {k: sums[k] + s[k] for k in DPO_SUMS}
                 out = dpo_scalars(sums, "val")
             else:
                 total, count = 0.0, 0
@@ -298,7 +299,7 @@ def run(cfg: PostTrainConfig, config_yaml: str, objective: Objective) -> int:
     do_eval = train.eval_interval > 0 and len(data.val) > 0
     exit_code, last_val = 0, float("nan")
     window: dict[str, float] = {"t0": time.perf_counter(), "steps": 0, "tokens": 0, "loss": 0.0}
-    dpo_sums: dict[str, float] = {}
+    dpo_sums = dict.fromkeys(DPO_SUMS, 0.0)
     start_step, run_start = step, time.perf_counter()
     try:
         while step < plan.max_steps:
@@ -314,7 +315,7 @@ def run(cfg: PostTrainConfig, config_yaml: str, objective: Objective) -> int:
                 batch = batch.to(device)
                 if pairs:
                     loss, sums = dpo_terms(batch)
-                    dpo_sums = {k: dpo_sums.get(k, 0.0) + v for k, v in sums.items()}
+                    dpo_sums = {k: dpo_sums[k] + sums[k] for k in DPO_SUMS}
                 else:
                     loss = token_loss(engine(batch.inputs, positions=batch.positions, mask=batch.mask),
                                       batch.targets, normalizer)
@@ -342,7 +343,7 @@ def run(cfg: PostTrainConfig, config_yaml: str, objective: Objective) -> int:
                            "perf/tokens_per_s": tokens / elapsed, "perf/step_time_s": elapsed / window["steps"]}
                 if pairs:
                     scalars.update(dpo_scalars(dpo_sums, "dpo"))
-                    dpo_sums = {}
+                    dpo_sums = dict.fromkeys(DPO_SUMS, 0.0)
                 writer.scalars(scalars, step)
                 done = step - start_step
                 eta = (time.perf_counter() - run_start) / done * (plan.max_steps - step) if done else 0
