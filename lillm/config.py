@@ -40,7 +40,8 @@ class ModelConfig:
     tie_embeddings: bool = True
     """Share the input embedding matrix with the output projection."""
     init_std: float = 0.02
-    """Standard deviation of the normal initialisation; output projections are scaled by depth."""
+    """Initialisation scale of the residual-writing projections (wo, w2), divided by sqrt(2 * n_layers); the
+    other matrices and the embedding are drawn with the fan-in std d_model**-0.5 (see LilLM.init_weights)."""
     head_dim: int = field(init=False, default=0)
     """Derived: d_model // n_heads."""
 

@@ -50,3 +50,19 @@ def tokenizer_dir(tmp_path_factory, small_texts) -> Path:
     out = tmp_path_factory.mktemp("tok")
     train_tokenizer(small_texts, vocab_size=1024, progress=False).save(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def pretrain_shards(tmp_path_factory, tokenizer_dir, small_texts) -> Path:
+    """The few hundred documents prepared into train/val shards with the 1024-token tokenizer."""
+    import json
+
+    from lillm.data.prepare import prepare
+    from lillm.data.sources import open_source
+
+    out = tmp_path_factory.mktemp("pretrain_data")
+    src = out / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in small_texts))
+    prepare(open_source(str(src)), tokenizer_dir, out / "shards", shard_tokens=50_000, val_fraction=0.1,
+            num_workers=1, progress=False)
+    return out / "shards"

@@ -44,11 +44,15 @@ def test_shapes_and_tied_embeddings():
     assert all("bias" not in n for n, _ in model.named_parameters())
 
 
-def test_depth_scaled_init():
-    model = tiny_model(n_layers=8)
-    std = model.config.init_std
-    assert abs(model.layers[0].attention.wq.weight.std().item() - std) < 2e-3
-    assert abs(model.layers[0].attention.wo.weight.std().item() - std / 4) < 1e-3  # sqrt(2*8) = 4
+def test_fan_in_init_with_depth_scaled_residual_writes():
+    model = tiny_model(n_layers=8)  # d_model 128
+    fan_in = 128**-0.5
+    for w in (model.tok_embeddings.weight, model.layers[0].attention.wq.weight, model.layers[3].feed_forward.w1.weight):
+        assert abs(w.std().item() - fan_in) < 3e-3
+    residual = model.config.init_std / 4  # sqrt(2 * 8) = 4
+    for w in (model.layers[0].attention.wo.weight, model.layers[7].feed_forward.w2.weight):
+        assert abs(w.std().item() - residual) < 1e-3
+    assert model.output.weight is model.tok_embeddings.weight
 
 
 def test_causality():

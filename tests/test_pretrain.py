@@ -14,9 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from lillm.data.prepare import prepare
-from lillm.data.sources import open_source
-
 from .conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slow
@@ -47,13 +44,8 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, tokenizer_dir, small_texts):
-    out = tmp_path_factory.mktemp("pretrain_data")
-    src = out / "docs.jsonl"
-    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in small_texts))
-    prepare(open_source(str(src)), tokenizer_dir, out / "shards", shard_tokens=50_000, val_fraction=0.1,
-            num_workers=1, progress=False)
-    return out / "shards"
+def data(pretrain_shards):
+    return pretrain_shards
 
 
 @pytest.fixture(scope="module")
