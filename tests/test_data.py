@@ -148,6 +148,23 @@ def test_ranks_and_workers_cover_each_epoch_exactly_once(numbered, world, worker
     assert len(row) == seq + 1 and (np.diff(row.numpy()) == 1).all()  # contiguous seq_len + 1 tokens
 
 
+@pytest.mark.parametrize("ending", ["open iterator", "exception"])
+def test_process_with_loader_workers_exits_promptly(numbered, ending):
+    """A script that ends (or raises) with an iterator still open must not hang at exit: the workers ignore
+    SIGTERM, and multiprocessing's exit handler would otherwise join them forever."""
+    script = (
+        "import sys\n"
+        "from lillm.data.loader import PretrainLoader, ShardSet\n"
+        f"batches = iter(PretrainLoader(ShardSet({str(numbered)!r}), 16, 4, num_workers=2))\n"
+        "next(batches)\n"
+        + ("raise IndexError('injected')\n" if ending == "exception" else "")
+    )
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == (1 if ending == "exception" else 0), r.stderr
+    assert time.perf_counter() - t < 30  # imports included; it hung until killed before
+
+
 def test_global_stream_matches_rank_assignment(prepared):
     shards = ShardSet(prepared)
     seq, bsz, world = 32, 3, 2

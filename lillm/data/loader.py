@@ -25,8 +25,10 @@ stream with no gap and no duplicate.
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -160,6 +162,28 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+_open_iterators: weakref.WeakSet = weakref.WeakSet()
+_exit_hook_registered = False
+
+
+def _close_open_iterators() -> None:
+    for batches in list(_open_iterators):
+        batches.close()
+
+
+def _track_open(batches: Iterator[torch.Tensor]) -> None:
+    """Close `batches` at interpreter exit if nobody has. Without this, a process that leaves an iterator open
+    (an exception mid-training, or a script that simply ends) hangs at exit: multiprocessing's exit handler
+    sends its daemon workers SIGTERM, which they ignore (see `_ignore_stop_signals`), then joins them forever.
+    Registered after the DataLoader machinery is imported, so it runs before multiprocessing's handler
+    (atexit runs last-registered first)."""
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        atexit.register(_close_open_iterators)
+        _exit_hook_registered = True
+    _open_iterators.add(batches)
+
+
 class PretrainLoader:
     """Batches (B, seq_len + 1) for one rank, with a world-size-independent `state_dict`."""
 
@@ -189,15 +213,25 @@ class PretrainLoader:
         return self.global_position / self.num_windows
 
     def __iter__(self) -> Iterator[torch.Tensor]:
+        batches = self._batches()
+        _track_open(batches)
+        return batches
+
+    def _batches(self) -> Iterator[torch.Tensor]:
         self.position, self.served = self.global_position, 0
-        loader = DataLoader(
+        loader = iter(DataLoader(
             self._dataset(), batch_size=self.batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory,
             prefetch_factor=4 if self.num_workers else None, persistent_workers=False,
             worker_init_fn=_ignore_stop_signals,
-        )
-        for batch in loader:
-            self.served += 1
-            yield batch
+        ))
+        try:
+            for batch in loader:
+                self.served += 1
+                yield batch
+        finally:
+            # Dropping the last reference runs the DataLoader's own shutdown (a done event, then a join) now,
+            # while the workers can still see it, instead of whenever the iterator happens to be collected.
+            del loader
 
     def state_dict(self) -> dict[str, Any]:
         return {"position": self.global_position, "seed": self.seed, "shuffle": self.shuffle,
