@@ -11,6 +11,18 @@ from typing import Any
 from lillm.errors import UserError
 
 
+def nonfinite_fields(cfg: Any) -> list[str]:
+    """A problem for each float field of a dataclass (or float inside a tuple/list field) that is NaN or
+    infinite. Comparisons with NaN are all false, so range checks alone let NaN through."""
+    problems = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, (tuple, list))
+                                                                       else (value,))):
+            problems.append(f"{f.name} must be a finite number, got {value!r}")
+    return problems
+
+
 @dataclass
 class ModelConfig:
     """Shape of a Llama-3-style decoder. Defaults are the reference `lil-39m` model."""
@@ -46,7 +58,7 @@ class ModelConfig:
     """Derived: d_model // n_heads."""
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = nonfinite_fields(self)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "max_batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lillm.config import nonfinite_fields
 from lillm.errors import UserError
 from lillm.model import KVCache, LilLM
 
@@ -27,7 +28,7 @@ class SamplingConfig:
     """Seed of the sampling generator, so the same call gives the same text."""
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = nonfinite_fields(self)
         if self.max_new_tokens < 0:
             problems.append(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.temperature < 0:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lillm.config import nonfinite_fields
 from lillm.errors import UserError
 
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -40,7 +41,7 @@ class LoRAConfig:
     """Linear layers to adapt, by Meta name: wq, wk, wv, wo (attention), w1, w2, w3 (feed-forward)."""
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = nonfinite_fields(self)
         if self.rank < 0:
             problems.append(f"rank must be >= 0, got {self.rank}")
         if self.alpha <= 0:

@@ -43,3 +43,25 @@ def test_generate_bad_input_exits_2_without_traceback(tmp_path, tokenizer_dir):
         r = run_cli(*args)
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_non_finite_sampling_options_exit_2(tmp_path, tokenizer_dir):
+    tok = load_tokenizer(tokenizer_dir)
+    export_hf(tiny_model(vocab_size=tok.vocab_size), tmp_path, tokenizer_dir=tokenizer_dir)
+    for option in ("--temperature", "--top_p"):
+        r = run_cli("generate", str(tmp_path), "x", f"{option}=.nan")  # YAML's NaN
+        assert r.returncode == 2, (option, r.stderr)
+        assert "must be a finite number" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_chat_set_refuses_non_finite_and_keeps_the_conversation(tokenizer_dir):
+    from lillm.chat import ChatSession
+    from lillm.generate import SamplingConfig
+
+    session = ChatSession(tiny_model(vocab_size=load_tokenizer(tokenizer_dir).vocab_size),
+                          load_tokenizer(tokenizer_dir), SamplingConfig(temperature=0.5))
+    session.history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    for value in ("nan", "inf"):
+        reply = session.command(f"/set temperature {value}")
+        assert reply.startswith("invalid value") and "finite" in reply, reply
+    assert session.sampling.temperature == 0.5 and len(session.history) == 2

@@ -163,3 +163,30 @@ def test_every_training_option_has_help_text(objective):
                and "." in a.dest and not (a.help or "").strip()]
     assert not missing, missing
     assert "Peak learning rate" in parser.format_help()
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+@pytest.mark.parametrize("option", ["--train.lr", "--train.min_lr", "--train.grad_clip", "--train.weight_decay",
+                                    "--train.eps", "--train.betas", "--model.norm_eps", "--model.init_std"])
+def test_non_finite_training_options_are_refused(option, value):
+    arg = f"[0.9, {value}]" if option == "--train.betas" else value
+    with pytest.raises(UserError, match=f"{option.split('.')[-1]} must be a finite number"):
+        parse_config(["--config", str(REPO / "launch/configs/debug.yaml"), f"{option}={arg}"])
+
+
+def test_non_finite_sampling_lora_and_dpo_options_are_refused():
+    from dataclasses import replace
+
+    from lillm.generate import SamplingConfig
+    from lillm.lora import LoRAConfig
+    from lillm.train.posttrain import DPOConfig
+
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(UserError, match="temperature must be a finite number"):
+            replace(SamplingConfig(), temperature=bad)
+        with pytest.raises(UserError, match="top_p"):
+            SamplingConfig(top_p=bad)
+        with pytest.raises(ValueError, match="alpha must be a finite number"):
+            LoRAConfig(alpha=bad)
+        with pytest.raises(ValueError, match="beta must be a positive finite number"):
+            DPOConfig(beta=bad)

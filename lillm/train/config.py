@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from lillm.config import nonfinite_fields
 from lillm.errors import UserError
 
 
@@ -89,7 +90,7 @@ class TrainConfig:
     """Write TensorBoard events under run_dir/tensorboard."""
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = nonfinite_fields(self)
         for name in ("micro_batch_size", "log_interval", "eval_batches", "ckpt_interval", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")

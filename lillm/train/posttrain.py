@@ -74,8 +74,8 @@ class DPOConfig:
     """'sigmoid': the DPO paper's loss; 'ipo': the squared loss of IPO (on per-token mean log-probabilities)."""
 
     def __post_init__(self) -> None:
-        if self.beta <= 0:
-            raise ValueError(f"invalid DPOConfig: beta must be positive, got {self.beta}")
+        if not self.beta > 0 or not math.isfinite(self.beta):
+            raise ValueError(f"invalid DPOConfig: beta must be a positive finite number, got {self.beta}")
 
 
 @dataclass
