@@ -145,6 +145,8 @@ def train_tokenizer(
 
     if sample_every < 1:
         raise UserError(f"sample_every must be >= 1, got {sample_every}")
+    if min_frequency < 1:
+        raise UserError(f"min_frequency must be >= 1, got {min_frequency}")
     src = open_source(source, text_field=text_field, hf_config=hf_config, split=split, errors=errors)
     texts = iter_texts(src, limit=max_documents, every=sample_every)
     tok = train(_nonempty(texts, source), vocab_size=vocab_size, min_frequency=min_frequency)
@@ -287,6 +289,10 @@ def main(argv: list[str] | None = None) -> None:
         CLI(COMMANDS, args=argv, prog="lillm", description="lillm: train and use small Llama-3-style models.")
     except UserError as e:
         print(f"lillm: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # an output path that is a file, a permission, a full disk: name the path, no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"lillm: error: {where}{e.strerror or e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("lillm: interrupted", file=sys.stderr)

@@ -65,3 +65,24 @@ def test_chat_set_refuses_non_finite_and_keeps_the_conversation(tokenizer_dir):
         reply = session.command(f"/set temperature {value}")
         assert reply.startswith("invalid value") and "finite" in reply, reply
     assert session.sampling.temperature == 0.5 and len(session.history) == 2
+
+
+def test_bad_output_paths_and_options_exit_2_and_change_nothing(tmp_path, tokenizer_dir):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    cases = [
+        (["train-tokenizer", "pydoc", str(a_file), "--vocab_size", "300"], "a_file: File exists"),
+        (["prepare", "pydoc", str(tokenizer_dir), str(a_file)], "a_file: File exists"),
+        (["train-tokenizer", "pydoc", str(tmp_path / "t"), "--min_frequency", "-3"], "min_frequency must be >= 1"),
+        (["prepare", str(empty), str(tokenizer_dir), str(tmp_path / "p1")], "holds no documents"),
+        (["prepare", "pydoc", str(tokenizer_dir), str(tmp_path / "p2"), "--num_workers", "-4"], "num_workers"),
+    ]
+    for args, message in cases:
+        r = run_cli(*args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        lines = r.stderr.strip().splitlines()  # a progress bar may come first
+        assert lines[-1].startswith("lillm: error:") and r.stderr.count("error") == 1, (args, r.stderr)
+    assert a_file.read_text() == "keep me"

@@ -164,6 +164,8 @@ def prepare(
     """Tokenize `source` into shards under `out_dir`; returns the manifest."""
     if shard_tokens < 1024:
         raise UserError(f"shard_tokens={shard_tokens} is too small (at least 1024)")
+    if num_workers < 0:
+        raise UserError(f"num_workers must be >= 0, got {num_workers}")
     if not 0 <= val_fraction < 1:
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
     tok = load_tokenizer(tokenizer_dir)

@@ -126,7 +126,9 @@ class TextSource:
             if f.is_dir():
                 yield from self._iter_saved(f)
             elif f.suffix == ".txt":
-                yield self._decode(f.read_bytes(), str(f))
+                text = self._decode(f.read_bytes(), str(f))
+                if text:  # an empty file holds no document, as an empty .jsonl holds no record
+                    yield text
             elif f.suffix == ".jsonl" or (f.suffix == ".json" and _looks_like_jsonl(f)):
                 yield from self._iter_jsonl(f)
             elif f.suffix == ".json":

@@ -23,6 +23,10 @@ class DataConfig:
     verify: bool = False
     """Check every shard's sha256 against the manifest before training."""
 
+    def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise ValueError(f"invalid DataConfig: num_workers must be >= 0, got {self.num_workers}")
+
 
 @dataclass
 class TrainConfig:
