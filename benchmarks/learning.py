@@ -49,10 +49,10 @@ from lillm.train.schedule import lr_at  # noqa: E402
 MICRO_BATCH, GRAD_ACCUM, SEQ_LEN = 8, 4, 256  # 8,192 tokens per optimizer step, one rank
 COMMON = dict(vocab_size=4096, max_seq_len=SEQ_LEN, max_batch_size=MICRO_BATCH)
 SHAPES = {
-    # The quickstart's model (1.1M parameters with vocab 4096).
+    # The quickstart's model (1.3M parameters with vocab 4096).
     "debug": dict(model=dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=32), steps=240),
-    # Twice as wide, 1.5x as deep (4.6M parameters); fewer steps to fit the CPU budget.
-    "wide": dict(model=dict(d_model=256, n_layers=6, n_heads=8, n_kv_heads=4, multiple_of=64), steps=120),
+    # 1.5x as wide and as deep (3.2M parameters); half the steps, to fit the CPU budget.
+    "wide": dict(model=dict(d_model=192, n_layers=6, n_heads=6, n_kv_heads=3, multiple_of=64), steps=120),
 }
 REFERENCE = dict(lr=2e-3, min_lr=2e-4, warmup_steps=30, weight_decay=0.01, grad_clip=1.0)
 
@@ -129,7 +129,7 @@ def reference_run(model_cfg: ModelConfig, train_tokens: np.ndarray, steps: int, 
             logits = model(x[:, :-1])
             loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()) / GRAD_ACCUM
             loss.backward()
-            step_loss += float(loss)
+            step_loss += float(loss.detach())
         nn.utils.clip_grad_norm_(model.parameters(), REFERENCE["grad_clip"])
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -240,8 +240,8 @@ def main() -> None:
                     help="Which side(s) to run.")
     ap.add_argument("--steps", type=int, default=0, help="Override every shape's optimizer steps (0: its own).")
     ap.add_argument("--data", default=str(REPO / "data/pydoc"), help="Prepared shards (made here when missing).")
-    ap.add_argument("--jobs", type=int, default=1,
-                    help="Runs in parallel; the cores are shared out (2 jobs of 1 thread beat 1 of 2 on 2 cores).")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                    help="Runs at a time, each in its own process; the cores are shared out among them.")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: cores // jobs).")
     ap.add_argument("--out", default=str(REPO / f"benchmarks/results/learning-{platform.node()}.json"),
                     help="JSON written here.")

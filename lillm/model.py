@@ -172,10 +172,12 @@ class LilLM(nn.Module):
         n_layers)) (GPT-2's depth scaling: each block adds two residual writes), so every block starts close
         to the identity.
 
-        Chosen by `benchmarks/learning.py`. The previous scheme (N(0, 0.02) everywhere, residual writes
-        depth-scaled) learned 0.44 nats worse at the debug shape (val loss 5.31 against 4.87 after 240
-        steps of 8,192 tokens, same recipe otherwise): with a tied embedding at 0.02, the logits start ~4x
-        too small and Adam's fixed-size updates move every weight by a large fraction of itself.
+        Chosen by measurement (`benchmarks/learning.py`, README "Learning quality"): the previous scheme,
+        N(0, 0.02) for every matrix with the same depth-scaled residual writes, ended 0.44 nats worse at the
+        debug shape (val loss 5.314 against 4.874 after 240 steps of 8,192 tokens, seed 1, all else equal).
+        A likely reason, not separately measured: at 0.02 the tied output starts with logits of std
+        0.02 * sqrt(d_model) (0.23 at d_model 128), and Adam's roughly lr-sized steps are then large
+        relative to every weight.
 
         Kept out of `__init__` so the model can be built on the meta device (or by a sharding engine) and
         initialised afterwards; draws from torch's global RNG, which the trainer seeds.
