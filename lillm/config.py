@@ -17,8 +17,8 @@ def nonfinite_fields(cfg: Any) -> list[str]:
     problems = []
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, (tuple, list))
-                                                                       else (value,))):
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in items):
             problems.append(f"{f.name} must be a finite number, got {value!r}")
     return problems
 
