@@ -190,3 +190,8 @@ def test_non_finite_sampling_lora_and_dpo_options_are_refused():
             LoRAConfig(alpha=bad)
         with pytest.raises(ValueError, match="beta must be a positive finite number"):
             DPOConfig(beta=bad)
+
+
+def test_negative_loader_workers_are_refused():
+    with pytest.raises(UserError, match="num_workers must be >= 0"):
+        parse_config(["--config", str(REPO / "launch/configs/debug.yaml"), "--data.num_workers=-4"])
