@@ -1,7 +1,9 @@
 """Learning benchmark: does lillm's training path learn as well as the reference recipe, at equal tokens?
 
-    .venv/bin/python benchmarks/learning.py                          # debug + wide, seeds 1 2 (~50 min, 2 cores)
-    .venv/bin/python benchmarks/learning.py --shapes debug --seeds 1  # one pair (~12 min)
+    .venv/bin/python benchmarks/learning.py                          # debug + wide, seeds 1 2
+    .venv/bin/python benchmarks/learning.py --shapes debug --seeds 1  # one pair
+
+On 2 cores the full run took 70 minutes (other work sharing the cores); one debug pair 13-16 minutes.
 
 Two arms per (shape, seed), the same corpus and token budget:
 - lillm: `python launch/pretrain.py` (one rank: the DeepSpeed ZeRO-2 engine, fp32, and lillm's streaming
