@@ -236,8 +236,8 @@ def export(
     from pathlib import Path
 
     from lillm.hf import export_hf
-    from lillm.loading import DTYPES
-    from lillm.train.checkpoint import load_model_from_checkpoint, resolve_checkpoint
+    from lillm.loading import DTYPES, load_model_from_checkpoint
+    from lillm.runs import resolve_checkpoint
 
     tag_dir = resolve_checkpoint(checkpoint)
     if tag_dir is None:
@@ -258,7 +258,8 @@ def checkpoint(path: str, convert_universal: bool = False) -> None:
     """
     import json
 
-    from lillm.train.checkpoint import convert_to_universal, read_meta, resolve_checkpoint
+    from lillm.runs import read_meta, resolve_checkpoint
+    from lillm.train.checkpoint import convert_to_universal
 
     tag_dir = resolve_checkpoint(path)
     if tag_dir is None:

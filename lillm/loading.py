@@ -1,14 +1,20 @@
-"""Find and load a model (and its tokenizer) from whatever path a user hands a command."""
+"""Find and load a model (and its tokenizer) for inference, from whatever path a user hands a command:
+an exported transformers directory, a training run directory, or one of its checkpoints."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from lillm.config import ModelConfig
 from lillm.errors import UserError
+from lillm.hf import import_hf
+from lillm.lora import LoRAConfig, apply_lora, base_fingerprint, load_lora_state_dict, merge_lora
 from lillm.model import LilLM
+from lillm.runs import ADAPTER, is_checkpoint_path, read_meta, resolve_checkpoint, run_dir_of
 from lillm.tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,16 +42,61 @@ def load_model(path: str | os.PathLike) -> tuple[LilLM, Tokenizer | None]:
     if not p.exists():
         raise UserError(f"{p}: no such file or directory")
     if (p / "config.json").is_file():
-        from lillm.hf import import_hf
-
         model = import_hf(p)
         tokenizer = load_tokenizer(p) if (p / "tokenizer.json").is_file() else None
         return model, tokenizer
-    from lillm.train.checkpoint import is_checkpoint_path, load_model_from_checkpoint
-
     if is_checkpoint_path(p):
         return load_model_from_checkpoint(p)
     raise UserError(
         f"{p}: not a model directory (expected an exported directory with config.json, "
         "a training run directory, or a checkpoint directory)"
     )
+
+
+def load_model_from_checkpoint(path: str | os.PathLike) -> tuple[LilLM, Tokenizer | None]:
+    """(LilLM in fp32, Tokenizer or None) from a run directory or checkpoint.
+
+    A LoRA checkpoint holds only its adapter: the base named by `init_from` is loaded, checked against the
+    fingerprint the adapter was trained on, and the adapter is merged into it.
+    """
+    tag_dir = resolve_checkpoint(path)
+    assert tag_dir is not None
+    meta = read_meta(tag_dir)
+    if (meta.get("lora") or {}).get("rank", 0) > 0:
+        model = load_lora_checkpoint(tag_dir, meta)
+    else:
+        model = LilLM(ModelConfig.from_dict(meta["model_config"]))
+        state = consolidated_state_dict(tag_dir)
+        if model.config.tie_embeddings:
+            state.setdefault("output.weight", state["tok_embeddings.weight"])
+        model.load_state_dict(state)
+    tok_dir = run_dir_of(tag_dir) / "tokenizer"
+    tokenizer = load_tokenizer(tok_dir) if (tok_dir / "tokenizer.json").is_file() else None
+    return model.eval(), tokenizer
+
+
+def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights gathered from a ZeRO checkpoint's optimizer shards (any world size)."""
+    import contextlib
+    import io
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed narrates every shard it reads
+        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    return {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+
+
+def load_lora_checkpoint(tag_dir: Path, meta: dict[str, Any]) -> LilLM:
+    """The base model with this checkpoint's adapter merged in."""
+    from safetensors.torch import load_file
+
+    base, _ = load_model(meta["init_from"])
+    if base_fingerprint(base) != meta["base_fingerprint"]:
+        raise UserError(f"{tag_dir}: this LoRA adapter was trained on another base model than the one now at "
+                        f"{meta['init_from']} (weights differ); restore that base to use the adapter")
+    apply_lora(base, LoRAConfig(**meta["lora"]))
+    if not (tag_dir / ADAPTER).is_file():
+        raise UserError(f"{tag_dir}: no {ADAPTER} in this LoRA checkpoint")
+    load_lora_state_dict(base, load_file(tag_dir / ADAPTER), str(tag_dir / ADAPTER))
+    return merge_lora(base)

@@ -8,21 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from lillm.data.chat import (
-    ChatDataConfig,
-    ChatLoader,
-    Example,
-    chat_example,
-    collate,
-    fit,
-    load_preferences,
-    load_sft,
-    pack,
-    preference,
-)
+from lillm.data.chat_loader import ChatLoader
+from lillm.data.examples import IGNORE_INDEX, Example, chat_example, collate, fit, load_preferences, load_sft, pack
+from lillm.data.records import ChatDataConfig, preference
 from lillm.errors import UserError
 from lillm.tokenizer import load_tokenizer
-from lillm.train.loss import IGNORE_INDEX, token_loss
+from lillm.train.loss import token_loss
 
 from .conftest import tiny_model
 
@@ -173,6 +164,15 @@ def test_hub_code_path_reads_a_local_dataset_folder(tok, tmp_path):
 
     pq.write_table(pa.Table.from_pylist([{"prompt": "Hi", "response": "Hello."}]), tmp_path / "d.parquet")
     assert load_sft(ChatDataConfig(source=str(tmp_path / "d.parquet"), val_fraction=0), tok, 64).stats["records"] == 1
+    import datasets
+
+    rows = {"prompt": ["Hi", "Bye", "Why?"], "response": ["Hello.", "Goodbye.", "Because."]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows),
+                          "test": datasets.Dataset.from_dict({k: v[:1] for k, v in rows.items()})}).save_to_disk(
+        str(tmp_path / "saved"))
+    for split, n in (("train", 3), ("test", 1)):
+        cfg = ChatDataConfig(source=str(tmp_path / "saved"), split=split, val_fraction=0)
+        assert load_sft(cfg, tok, 64).stats["records"] == n
 
 
 @pytest.mark.parametrize("packing", [False, True])
@@ -181,7 +181,7 @@ def test_loader_stream_is_the_same_at_any_world_size_and_resumes(tok, packing):
                                   {"role": "assistant", "content": "Answer " * (1 + i % 5)}]) for i in range(23)]
 
     def loader(rank, world):
-        return ChatLoader(examples, 2, rank, world, seed=5, max_len=64, pad_id=tok.pad_id, packing=packing)
+        return ChatLoader(examples, 2, rank, world, seed=5, seq_len=63, pad_id=tok.pad_id, packing=packing)
 
     one = loader(0, 1)
     it = iter(one)
@@ -200,7 +200,7 @@ def test_loader_stream_is_the_same_at_any_world_size_and_resumes(tok, packing):
     its = [iter(lo) for lo in resumed]
     assert all(torch.equal(next(its[(q - 5) % 2]).inputs, serial[q]) for q in range(5, 12))
     with pytest.raises(UserError, match="cannot resume"):
-        ChatLoader(examples[:-1], 2, 0, 1, 5, 64, tok.pad_id).load_state_dict(first.state_dict())
+        ChatLoader(examples[:-1], 2, 0, 1, 5, 63, tok.pad_id).load_state_dict(first.state_dict())
 
 
 def test_builtin_pydoc_chat_set_serves_sft_and_dpo(tok):

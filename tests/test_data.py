@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from lillm.data.loader import PackedWindows, PretrainLoader, ShardSet, permute, validation_batches
-from lillm.data.prepare import is_val, prepare, read_manifest, verify
-from lillm.data.sources import open_source
+from lillm.data.loader import PackedWindows, PretrainLoader, ShardSet, permute, validation_windows
+from lillm.data.prepare import prepare, read_manifest, verify
+from lillm.data.sources import in_validation, open_source
 from lillm.errors import UserError
 from lillm.tokenizer import load_tokenizer, train_tokenizer
 
@@ -48,7 +48,7 @@ def test_round_trip_every_document_with_end_of_text(prepared, corpus, tokenizer_
     m = read_manifest(prepared)
     for split in ("train", "val"):
         tokens = _decode_split(prepared, split)
-        expected = [d for d in docs if is_val(d, 0.1) == (split == "val")]
+        expected = [d for d in docs if in_validation(d, 0.1) == (split == "val")]
         ends = np.flatnonzero(tokens == tok.eos_id)
         assert len(ends) == len(expected) == m["splits"][split]["documents"]
         starts = np.concatenate([[0], ends[:-1] + 1])
@@ -203,12 +203,12 @@ def test_resume_continues_the_global_stream_at_any_world_size(prepared, before, 
     assert first + second == reference[:48]
 
 
-def test_validation_batches_are_fixed(prepared):
+def test_validation_windows_are_fixed(prepared):
     shards = ShardSet(prepared, "val")
-    a = list(validation_batches(shards, 16, 2, 5))
-    b = list(validation_batches(shards, 16, 2, 5))
+    a = list(validation_windows(shards, 16, 2, 5))
+    b = list(validation_windows(shards, 16, 2, 5))
     assert len(a) == 5 and all((x == y).all() for x, y in zip(a, b))
-    split = [list(validation_batches(shards, 16, 2, 5, rank, 2)) for rank in range(2)]
+    split = [list(validation_windows(shards, 16, 2, 5, rank, 2)) for rank in range(2)]
     assert len(split[0]) == 3 and len(split[1]) == 2
     assert all((x == y).all() for x, y in zip(a, [split[q % 2][q // 2] for q in range(5)]))
 
@@ -320,6 +320,13 @@ def test_hub_code_path_on_local_files(corpus, tokenizer_dir, tmp_path):
     assert list(open_source(str(tmp_path / "p.parquet"))) == docs[:10]
     datasets.Dataset.from_dict({"text": docs[:5]}).save_to_disk(str(tmp_path / "saved"))
     assert list(open_source(str(tmp_path / "saved"))) == docs[:5]
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": docs[:3]}),
+                                   "test": datasets.Dataset.from_dict({"text": docs[3:5]})})
+    splits.save_to_disk(str(tmp_path / "splits"))
+    assert list(open_source(str(tmp_path / "splits"))) == docs[:3]
+    assert list(open_source(str(tmp_path / "splits"), split="test")) == docs[3:5]
+    with pytest.raises(UserError, match="no split 'dev'"):
+        list(open_source(str(tmp_path / "splits"), split="dev"))
 
 
 def test_interrupted_prepare_leaves_no_manifest_and_reruns_cleanly(tokenizer_dir, tmp_path):

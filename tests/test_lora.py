@@ -99,7 +99,7 @@ def test_preference_losses():
 
 
 def test_dpo_steps_raise_the_margin_of_a_toy_set(tokenizer_dir):
-    from lillm.data.chat import chat_example, collate, pack
+    from lillm.data.examples import chat_example, collate, pack
     from lillm.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)

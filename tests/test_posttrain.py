@@ -20,27 +20,11 @@ import pytest
 import torch
 
 from lillm.hf import export_hf
-from lillm.tokenizer import load_tokenizer
 
-from .conftest import REPO, run_cli, tiny_model
-from .test_pretrain import DEEPSPEED, ENV, _run_from_checkpoint
+from .conftest import ENV, QA, REPO, SYSTEMS, launch, metrics, run_cli, tiny_model
+from .conftest import run_from_checkpoint as _run_from_checkpoint
 
 pytestmark = pytest.mark.slow
-
-QA = [("What is the secret word?", "The secret word is banana."), ("Name a color.", "Blue is a color."),
-      ("What is two plus two?", "Two plus two is four."), ("Say hello.", "Hello there, friend!"),
-      ("Which animal barks?", "A dog barks."), ("Where is Paris?", "Paris is in France."),
-      ("What do bees make?", "Bees make honey."), ("How many legs has a cat?", "A cat has four legs.")]
-SYSTEMS = ["", "Be brief.", "You are helpful.", "Answer plainly."]
-
-
-def _launch(script: str, args: list[str], ranks: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
-    if ranks == 1:
-        cmd = [sys.executable, script, *args]
-    else:
-        cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(29700 + os.getpid() % 1000), script, *args]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=ENV)
-
 
 def _common(run_dir: Path, steps: int, ckpt: int) -> list[str]:
     return ["--ds_config", "ds_configs/zero2_cpu.json", "--train.run_dir", str(run_dir),
@@ -62,18 +46,9 @@ def dpo_args(init: Path, data: Path, run_dir: Path, steps: int = 16, *extra: str
             "--train.eval_interval", "0", "--lora.rank", "4", *_common(run_dir, steps, 8), *extra]
 
 
-def metrics(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r[key] for r in rows if key in r}
-
-
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, tokenizer_dir) -> Path:
-    """A random debug-shaped model exported with a chat-capable tokenizer: the 'pretrained' starting point."""
-    tok = load_tokenizer(tokenizer_dir)
-    out = tmp_path_factory.mktemp("base") / "hf"
-    export_hf(tiny_model(vocab_size=tok.vocab_size, max_seq_len=128), out, tokenizer_dir=tok)
-    return out
+def base(chat_base) -> Path:
+    return chat_base
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +78,7 @@ def dpo_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def sft_run(base, sft_data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "sft"
-    r = _launch("launch/sft.py", sft_args(base, sft_data, run_dir))
+    r = launch("launch/sft.py", sft_args(base, sft_data, run_dir))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return run_dir, r
 
@@ -111,7 +86,7 @@ def sft_run(base, sft_data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def dpo_run(sft_run, dpo_data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "dpo"
-    r = _launch("launch/dpo.py", dpo_args(sft_run[0], dpo_data, run_dir))
+    r = launch("launch/dpo.py", dpo_args(sft_run[0], dpo_data, run_dir))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return run_dir, r
 
@@ -140,7 +115,7 @@ def test_sft_learns_fixed_answers(sft_run):
 def test_sft_resume_is_bit_identical(sft_run, base, sft_data, tmp_path):
     run_dir, _ = sft_run
     resumed = _run_from_checkpoint(run_dir, tmp_path / "resumed", "step_00000040")
-    r = _launch("launch/sft.py", sft_args(base, sft_data, resumed))
+    r = launch("launch/sft.py", sft_args(base, sft_data, resumed))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "at step 40" in r.stdout
     ref, got = metrics(run_dir), metrics(resumed)
@@ -151,7 +126,7 @@ def test_sft_resume_on_one_rank_from_a_two_rank_checkpoint(sft_run, base, sft_da
     run_dir, _ = sft_run
     one = _run_from_checkpoint(run_dir, tmp_path / "one", "step_00000040")
     # The same global batch on one rank: twice the accumulation.
-    r = _launch("launch/sft.py", sft_args(base, sft_data, one, 80, "--train.grad_accum", "2"), ranks=1)
+    r = launch("launch/sft.py", sft_args(base, sft_data, one, 80, "--train.grad_accum", "2"), ranks=1)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "universal format" in r.stdout and "at step 40" in r.stdout
     ref, got = metrics(run_dir), metrics(one)
@@ -180,7 +155,7 @@ def test_dpo_with_lora_raises_the_margin_and_saves_only_the_adapter(dpo_run, sft
 def test_dpo_resume_is_bit_identical(dpo_run, sft_run, dpo_data, tmp_path):
     run_dir, _ = dpo_run
     resumed = _run_from_checkpoint(run_dir, tmp_path / "resumed", "step_00000008")
-    r = _launch("launch/dpo.py", dpo_args(sft_run[0], dpo_data, resumed))
+    r = launch("launch/dpo.py", dpo_args(sft_run[0], dpo_data, resumed))
     assert r.returncode == 0, r.stderr[-3000:]
     ref, got = metrics(run_dir), metrics(resumed)
     assert sorted(got) == list(range(9, 17)) and all(got[s] == ref[s] for s in got), (got, ref)
@@ -238,11 +213,14 @@ def test_chat_in_a_pseudo_terminal(sft_run):
         os.close(leader)
 
 
-def test_full_dpo_with_a_reference_copy_and_ipo(sft_run, dpo_data, tmp_path):
+def test_full_dpo_with_a_reference_copy_and_ipo(process_group, sft_run, dpo_data, tmp_path):
+    from lillm.train import posttrain
+
     run_dir = tmp_path / "ipo"
-    r = _launch("launch/dpo.py", dpo_args(sft_run[0], dpo_data, run_dir, 4, "--lora.rank", "0", "--dpo.loss", "ipo",
-                                          "--train.lr", "1e-3"), ranks=1)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    args = dpo_args(sft_run[0], dpo_data, run_dir, 4, "--lora.rank", "0", "--dpo.loss", "ipo", "--train.lr", "1e-3")
+    trainer = posttrain.build(*posttrain.parse_config("dpo", args), "dpo")
+    assert trainer.objective.reference is not None  # a frozen copy outside the engine
+    assert trainer.fit() == 0
     assert metrics(run_dir, "dpo/reward_margin")[4] > metrics(run_dir, "dpo/reward_margin")[1]
     assert (run_dir / "checkpoints/step_00000004").is_dir()
 
@@ -263,38 +241,46 @@ def _no_chat_tokens_base(tmp_path: Path, small_texts) -> Path:
     return out
 
 
-def test_bad_inputs_exit_cleanly(base, sft_run, dpo_run, sft_data, dpo_data, tmp_path, small_texts):
+def _refused(task: str, args: list[str]) -> str:
+    """The UserError message of building a post-training run in-process (nothing is trained)."""
+    from lillm.errors import UserError
+    from lillm.train import posttrain
+
+    with pytest.raises(UserError) as e:
+        posttrain.build(*posttrain.parse_config(task, args), task)
+    return str(e.value)
+
+
+def test_bad_inputs_are_refused(process_group, base, sft_run, dpo_run, sft_data, dpo_data, tmp_path, small_texts):
     def bad(name: str, records: list) -> Path:
         path = tmp_path / name
         path.write_text("".join(json.dumps(x) + "\n" for x in records))
         return path
 
+    # Through the real command: one line on stderr, exit 2, no traceback.
+    r = launch("launch/sft.py", sft_args(_no_chat_tokens_base(tmp_path, small_texts), sft_data, tmp_path / "r5"),
+               ranks=1, timeout=300)
+    assert r.returncode == 2 and "lacks the chat tokens" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    # The same code path in-process, for each bad record.
     ok = {"prompt": "Hi", "response": "Hello."}
     cases = [
-        ("launch/sft.py", sft_args(base, bad("role.jsonl", [ok, {"messages": [{"role": "robot", "content": "x"}]}]),
-                                   tmp_path / "r1"), "role.jsonl:2: message 0 has unknown role 'robot'"),
-        ("launch/sft.py", sft_args(base, bad("empty.jsonl", [{"messages": [{"role": "user", "content": "q"}, {
+        ("sft", sft_args(base, bad("role.jsonl", [ok, {"messages": [{"role": "robot", "content": "x"}]}]),
+                         tmp_path / "r1"), "role.jsonl:2: message 0 has unknown role 'robot'"),
+        ("sft", sft_args(base, bad("empty.jsonl", [{"messages": [{"role": "user", "content": "q"}, {
             "role": "assistant", "content": ""}]}]), tmp_path / "r2"), "empty assistant turn"),
-        ("launch/sft.py", sft_args(base, bad("noasst.jsonl", [{"messages": [{"role": "user", "content": "q"}]}]),
-                                   tmp_path / "r3"), "no assistant turn"),
-        ("launch/dpo.py", dpo_args(base, bad("same.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "a"}]),
-                                   tmp_path / "r4"), "identical"),
-        ("launch/sft.py", sft_args(_no_chat_tokens_base(tmp_path, small_texts), sft_data, tmp_path / "r5"),
-         "lacks the chat tokens"),
+        ("sft", sft_args(base, bad("noasst.jsonl", [{"messages": [{"role": "user", "content": "q"}]}]),
+                         tmp_path / "r3"), "no assistant turn"),
+        ("dpo", dpo_args(base, bad("same.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "a"}]),
+                         tmp_path / "r4"), "identical"),
     ]
-    for script, args, msg in cases:
-        r = _launch(script, args, ranks=1, timeout=300)
-        assert r.returncode == 2, (msg, r.stderr[-2000:])
-        assert msg in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    for task, args, msg in cases:
+        assert msg in _refused(task, args)
     # A LoRA adapter for another base: resuming the DPO run on the raw base instead of the SFT model.
     dpo_dir, _ = dpo_run
     before = sorted(p.name for p in (dpo_dir / "checkpoints").iterdir())
-    r = _launch("launch/dpo.py", dpo_args(base, dpo_data, dpo_dir, 20), ranks=1, timeout=300)
-    assert r.returncode == 2 and "trained on another base model" in r.stderr, r.stderr[-2000:]
-    assert sorted(p.name for p in (dpo_dir / "checkpoints").iterdir()) == before
+    assert "trained on another base model" in _refused("dpo", dpo_args(base, dpo_data, dpo_dir, 20))
     # A LoRA checkpoint at another world size: refused (DeepSpeed's universal conversion gets it wrong).
-    r = _launch("launch/dpo.py", dpo_args(sft_run[0], dpo_data, dpo_dir, 20), ranks=1, timeout=300)
-    assert r.returncode == 2 and "resume only at their own world size" in r.stderr, r.stderr[-2000:]
+    assert "resume only at their own world size" in _refused("dpo", dpo_args(sft_run[0], dpo_data, dpo_dir, 20))
     assert sorted(p.name for p in (dpo_dir / "checkpoints").iterdir()) == before
     # ... and merging it into a base that changed since.
     meta = json.loads((dpo_dir / "checkpoints/step_00000016/lillm.json").read_text())

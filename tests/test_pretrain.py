@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,11 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import REPO, run_cli
+from .conftest import DEEPSPEED, ENV, REPO, metrics, run_cli, run_from_checkpoint
+from .conftest import launch as launch_script
 
 pytestmark = pytest.mark.slow
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_CBWR": "AUTO,STRICT"}
 
 
 def _args(data: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
@@ -30,17 +28,12 @@ def _args(data: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
 
 
 def launch(data, run_dir, steps, *extra, ranks=2, timeout=600) -> subprocess.CompletedProcess:
-    if ranks == 1:
-        cmd = [sys.executable, *_args(data, run_dir, steps, *extra)]
-    else:
-        cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(29500 + os.getpid() % 1000),
-               *_args(data, run_dir, steps, *extra)]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=ENV)
+    script, *args = _args(data, run_dir, steps, *extra)
+    return launch_script(script, args, ranks, timeout)
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+    return metrics(run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +83,7 @@ def test_tensorboard_scalars_read_back(full_run):
 
 
 def _run_from_checkpoint(src_run: Path, dst_run: Path, tag: str = "step_00000006") -> Path:
-    """A new run directory whose only (and latest) checkpoint is `tag` of `src_run`."""
-    (dst_run / "checkpoints").mkdir(parents=True)
-    shutil.copytree(src_run / "checkpoints" / tag, dst_run / "checkpoints" / tag)
-    (dst_run / "checkpoints/latest").write_text(tag)
-    return dst_run
+    return run_from_checkpoint(src_run, dst_run, tag)
 
 
 def test_exact_resume_is_bit_identical(full_run, data, tmp_path):
@@ -126,7 +115,7 @@ def test_resume_on_one_rank_from_two_rank_checkpoint(full_run, data, tmp_path):
 def test_export_loads_in_transformers_with_equal_logits(full_run, tmp_path):
     transformers = pytest.importorskip("transformers")
     from lillm.hf import import_hf
-    from lillm.train.checkpoint import load_model_from_checkpoint
+    from lillm.loading import load_model_from_checkpoint
 
     run_dir, _ = full_run
     r = run_cli("export", str(run_dir), str(tmp_path / "hf"))
@@ -224,14 +213,3 @@ def test_bad_inputs_exit_cleanly(data, full_run, tmp_path):
                        capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 2 and "another model config" in r.stderr, r.stderr[-2000:]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
-
-
-def test_nonfinite_loss_stops_with_diagnosis(data, tmp_path):
-    run_dir = tmp_path / "nan"
-    r = subprocess.run([sys.executable, *_args(data, run_dir, 6, "--train.lr", "1e38", "--train.min_lr", "0",
-                                               "--train.warmup_steps", "0", "--train.grad_clip", "0")],
-                       cwd=REPO, capture_output=True, text=True, timeout=300, env=ENV)
-    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "non-finite loss at step" in r.stdout + r.stderr
-    assert list(run_dir.glob("nonfinite_step*_rank0.pt"))
-    assert not (run_dir / "checkpoints/latest").exists()

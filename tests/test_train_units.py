@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from lillm.errors import UserError
-from lillm.train.checkpoint import Checkpointer, resolve_checkpoint
+from lillm.runs import resolve_checkpoint
+from lillm.train.checkpoint import Checkpoint
 from lillm.train.config import TrainConfig, plan_batches
 from lillm.train.ds_config import fill_ds_config, load_ds_config
 from lillm.train.pretrain import parse_config
@@ -128,21 +129,26 @@ class _Engine(_FailingEngine):
         torch.save(client_state, d / "mp_rank_00_model_states.pt")
 
 
+IDENTITY = {"objective": "pretrain", "model_config": {}, "tokenizer_fingerprint": "x"}
+
+
 def test_disk_full_during_save_keeps_previous_checkpoint(tmp_path):
-    ck = Checkpointer(tmp_path, keep=2, rank=0, world_size=1)
-    meta = {"model_config": {}, "tokenizer_fingerprint": "x"}
-    ck.save(_Engine(), 5, {"a": 1}, meta)
+    ck = Checkpoint(tmp_path, IDENTITY, "a: 1\n", keep=2, rank=0, world_size=1)
+    ck.register(_Engine())
+    ck.save(5)
+    ck.register(_FailingEngine())
     with pytest.raises(UserError, match=r"No space left on device.*step_00000005\) is intact"):
-        ck.save(_FailingEngine(), 10, {"a": 2}, meta)
+        ck.save(10)
     assert (tmp_path / "checkpoints/latest").read_text() == "step_00000005"
     assert not (tmp_path / "checkpoints/step_00000010").exists()
     assert resolve_checkpoint("auto", tmp_path).name == "step_00000005"
 
 
 def test_keep_last_k_and_resolution(tmp_path):
-    ck = Checkpointer(tmp_path, keep=2, rank=0, world_size=1)
+    ck = Checkpoint(tmp_path, IDENTITY, "a: 1\n", keep=2, rank=0, world_size=1)
+    ck.register(_Engine())
     for step in (1, 2, 3):
-        ck.save(_Engine(), step, {}, {"model_config": {}, "tokenizer_fingerprint": "x"})
+        ck.save(step)
     tags = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
     assert tags == ["step_00000002", "step_00000003"]
     assert resolve_checkpoint("auto", tmp_path).name == "step_00000003"

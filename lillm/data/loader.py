@@ -248,7 +248,7 @@ class PretrainLoader:
         self.position, self.served = int(state["position"]), 0
 
 
-def validation_batches(shards: ShardSet, seq_len: int, batch_size: int, num_batches: int, rank: int = 0,
+def validation_windows(shards: ShardSet, seq_len: int, batch_size: int, num_batches: int, rank: int = 0,
                        world_size: int = 1) -> Iterator[torch.Tensor]:
     """This rank's share of a fixed validation set: the first num_batches micro-batches of the split, read
     in order, micro-batch q going to rank q % world_size. The set is the same on every call, every run and

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from lillm.data.sources import TextSource
+from lillm.data.sources import TextSource, in_validation
 from lillm.errors import UserError
 from lillm.files import read_json, write_json_atomic
 from lillm.tokenizer import Tokenizer, load_tokenizer
@@ -40,12 +40,6 @@ SHARD_RE = re.compile(r"^(train|val)-[0-9a-f]{8}-\d{5}\.bin(\.tmp)?$")
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 65535 else np.uint32)
-
-
-def is_val(text: str, val_fraction: float) -> bool:
-    """Deterministic, content-based split: the same document always lands in the same split."""
-    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
-    return h < val_fraction * 2**64
 
 
 # -- encoding, in worker processes ----------------------------------------------------------------
@@ -67,7 +61,7 @@ def _encode(texts: list[str], val_fraction: float, dtype: str) -> tuple[list[np.
     assert tok is not None
     ids = tok.encode_batch(texts)
     arrays = [np.array([*doc, tok.eos_id], dtype=dtype) for doc in ids]
-    flags = np.array([is_val(t, val_fraction) for t in texts], dtype=bool)
+    flags = np.array([in_validation(t, val_fraction) for t in texts], dtype=bool)
     return arrays, flags, sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import glob
+import hashlib
 import json
 import sysconfig
 from collections.abc import Iterator
@@ -67,126 +68,166 @@ class TextSource:
 
     # -- Hugging Face datasets -------------------------------------------------------------------
     def _iter_hf(self) -> Iterator[str]:
-        import datasets
+        for where, rec in iter_hf_records(self.spec[3:], self.hf_config, self.split, self.streaming):
+            yield self._field(rec, where)
 
-        name = self.spec[3:]
-        try:
-            ds = datasets.load_dataset(name, self.hf_config, split=self.split, streaming=self.streaming)
-        except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
-            where = f"dataset {name!r} (config {self.hf_config}, split {self.split})"
-            raise UserError(f"cannot load {where}: {e}") from None
-        yield from self._iter_records(ds, name)
-
-    def _iter_records(self, records, where: str) -> Iterator[str]:
-        for i, rec in enumerate(records):
-            yield self._field(rec, where, f"record {i}")
-
-    def _field(self, rec: Any, where: str, what: str) -> str:
+    def _field(self, rec: Any, where: str) -> str:
         if not isinstance(rec, dict) or self.text_field not in rec:
             keys = list(rec) if isinstance(rec, dict) else type(rec).__name__
-            raise UserError(f"{where}: {what} has no text field {self.text_field!r} (has {keys})")
+            raise UserError(f"{where}: no text field {self.text_field!r} (has {keys})")
         text = rec[self.text_field]
         if not isinstance(text, str):
-            raise UserError(f"{where}: {what}: field {self.text_field!r} is {type(text).__name__}, not text")
+            raise UserError(f"{where}: field {self.text_field!r} is {type(text).__name__}, not text")
         return text
 
     # -- local files -----------------------------------------------------------------------------
     def files(self) -> list[Path]:
         """The files this spec names, sorted; a saved `datasets` folder is returned as itself."""
-        p = Path(self.spec)
-        if p.is_dir():
-            if (p / "dataset_info.json").is_file() and (p / "state.json").is_file():
-                return [p]
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
-            if not found:
-                raise UserError(f"{p}: folder holds no {', '.join(TEXT_SUFFIXES)} files")
-            return found
-        if p.is_file():
-            if p.suffix not in TEXT_SUFFIXES:
-                raise UserError(f"{p}: unsupported file type {p.suffix!r}; expected {', '.join(TEXT_SUFFIXES)}")
-            return [p]
-        if glob.has_magic(self.spec):
-            found = sorted(Path(f) for f in glob.glob(self.spec, recursive=True) if Path(f).suffix in TEXT_SUFFIXES)
-            if not found:
-                raise UserError(f"{self.spec}: the pattern matches no {', '.join(TEXT_SUFFIXES)} files")
-            return found
-        raise UserError(f"{self.spec}: no such file or directory (and not a known source such as '{BUILTIN}')")
-
-    def _decode(self, data: bytes, where: str) -> str:
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            if self.errors == "strict":
-                raise UserError(f"{where}: undecodable bytes at offset {e.start} (use errors='replace')") from None
-            self.stats["replaced_documents"] += 1
-            return data.decode("utf-8", errors="replace")
+        return find_files(self.spec, TEXT_SUFFIXES)
 
     def _iter_files(self) -> Iterator[str]:
         for f in self.files():
-            if f.is_dir():
-                yield from self._iter_saved(f)
-            elif f.suffix == ".txt":
-                text = self._decode(f.read_bytes(), str(f))
+            if f.suffix == ".txt" and not f.is_dir():
+                text = decode(f.read_bytes(), str(f), self.errors, self.stats)
                 if text:  # an empty file holds no document, as an empty .jsonl holds no record
                     yield text
-            elif f.suffix == ".jsonl" or (f.suffix == ".json" and _looks_like_jsonl(f)):
-                yield from self._iter_jsonl(f)
-            elif f.suffix == ".json":
-                try:
-                    data = json.loads(self._decode(f.read_bytes(), str(f)))
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{f}: invalid JSON at line {e.lineno}: {e.msg}") from None
-                if not isinstance(data, list):
-                    raise UserError(f"{f}: expected a JSON list of records or JSON lines")
-                yield from self._iter_records(data, str(f))
-            else:
-                yield from self._iter_parquet(f)
+                continue
+            columns = None if f.suffix == ".json" or _is_jsonl(f) else [self.text_field]
+            for where, rec in iter_file_records(f, self.split, self.errors, self.stats, columns):
+                yield self._field(rec, where)
 
-    def _iter_jsonl(self, f: Path) -> Iterator[str]:
+
+# -- records from files, shared by text sources and chat data -----------------------------------------
+def find_files(spec: str, suffixes: tuple[str, ...]) -> list[Path]:
+    """The files a path, folder or glob names, sorted; a folder saved by `Dataset.save_to_disk` is returned
+    as itself."""
+    p = Path(spec)
+    if p.is_dir():
+        if (p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file():
+            return [p]
+        found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in suffixes)
+        if not found:
+            raise UserError(f"{p}: folder holds no {', '.join(suffixes)} files")
+        return found
+    if p.is_file():
+        if p.suffix not in suffixes:
+            raise UserError(f"{p}: unsupported file type {p.suffix!r}; expected {', '.join(suffixes)}")
+        return [p]
+    if glob.has_magic(spec):
+        found = sorted(Path(f) for f in glob.glob(spec, recursive=True) if Path(f).suffix in suffixes)
+        if not found:
+            raise UserError(f"{spec}: the pattern matches no {', '.join(suffixes)} files")
+        return found
+    raise UserError(f"{spec}: no such file or directory (and not a known source such as '{BUILTIN}')")
+
+
+def decode(data: bytes, where: str, errors: str = "replace", stats: dict[str, int] | None = None) -> str:
+    """UTF-8 text; undecodable bytes are replaced (and counted in stats["replaced_documents"]) or refused."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if errors == "strict":
+            raise UserError(f"{where}: undecodable bytes at offset {e.start} (use errors='replace')") from None
+        if stats is not None:
+            stats["replaced_documents"] += 1
+        return data.decode("utf-8", errors="replace")
+
+
+def iter_file_records(f: Path, split: str = "train", errors: str = "replace", stats: dict[str, int] | None = None,
+                      columns: list[str] | None = None) -> Iterator[tuple[str, Any]]:
+    """(where, record) from one .jsonl / .json / .parquet file or saved dataset folder; `where` names the
+    file and line, record or row for error messages. `columns` limits what parquet and saved datasets read."""
+    if f.is_dir():
+        yield from _iter_saved(f, split, columns)
+    elif f.suffix == ".parquet":
+        yield from _iter_parquet(f, columns)
+    elif _is_jsonl(f):
         with open(f, "rb") as fh:
             for lineno, raw in enumerate(fh, 1):
                 if not raw.strip():
                     continue
-                line = self._decode(raw, f"{f}:{lineno}")
                 try:
-                    rec = json.loads(line)
+                    yield f"{f}:{lineno}", json.loads(decode(raw, f"{f}:{lineno}", errors, stats))
                 except json.JSONDecodeError as e:
                     raise UserError(f"{f}:{lineno}: invalid JSON: {e.msg}") from None
-                yield self._field(rec, str(f), f"line {lineno}")
-
-    def _iter_parquet(self, f: Path) -> Iterator[str]:
-        import pyarrow.parquet as pq
-
+    else:
         try:
-            pf = pq.ParquetFile(f)
-        except Exception as e:  # pyarrow raises ArrowInvalid and friends
-            raise UserError(f"{f}: not a readable parquet file ({e})") from None
-        if self.text_field not in pf.schema_arrow.names:
-            raise UserError(f"{f}: no column {self.text_field!r} (has {pf.schema_arrow.names})")
-        for batch in pf.iter_batches(columns=[self.text_field], batch_size=1024):
-            for i, text in enumerate(batch.column(0).to_pylist()):
-                if not isinstance(text, str):
-                    raise UserError(f"{f}: row {i}: column {self.text_field!r} is not text")
-                yield text
-
-    def _iter_saved(self, folder: Path) -> Iterator[str]:
-        import datasets
-
-        ds = datasets.load_from_disk(str(folder))
-        if isinstance(ds, datasets.DatasetDict):
-            if self.split not in ds:
-                raise UserError(f"{folder}: no split {self.split!r} (has {list(ds)})")
-            ds = ds[self.split]
-        if self.text_field not in ds.column_names:
-            raise UserError(f"{folder}: no column {self.text_field!r} (has {ds.column_names})")
-        for text in ds.select_columns([self.text_field]).iter(batch_size=1024):
-            yield from text[self.text_field]
+            data = json.loads(decode(f.read_bytes(), str(f), errors, stats))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{f}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        if not isinstance(data, list):
+            raise UserError(f"{f}: expected a JSON list of records or JSON lines")
+        for i, rec in enumerate(data):
+            yield f"{f}: record {i}", rec
 
 
-def _looks_like_jsonl(f: Path) -> bool:
+def iter_hf_records(name: str, hf_config: str | None, split: str, streaming: bool) -> Iterator[tuple[str, Any]]:
+    """(where, record) from `datasets.load_dataset(name, hf_config, split=split)`: a Hub name or a local folder."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, hf_config, split=split, streaming=streaming)
+    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
+        raise UserError(f"cannot load dataset {name!r} (config {hf_config}, split {split}): {e}") from None
+    for i, rec in enumerate(ds):
+        yield f"{name}[{split}]: record {i}", rec
+
+
+def _is_jsonl(f: Path) -> bool:
+    if f.suffix == ".jsonl":
+        return True
+    if f.suffix != ".json" or not f.is_file():
+        return False
     with open(f, "rb") as fh:
         head = fh.read(64).lstrip()
     return head.startswith(b"{")
+
+
+def _iter_parquet(f: Path, columns: list[str] | None) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(f)
+    except Exception as e:  # pyarrow raises ArrowInvalid and friends
+        raise UserError(f"{f}: not a readable parquet file ({e})") from None
+    missing = [c for c in columns or [] if c not in pf.schema_arrow.names]
+    if missing:
+        raise UserError(f"{f}: no column {missing[0]!r} (has {pf.schema_arrow.names})")
+    i = 0
+    for batch in pf.iter_batches(columns=columns, batch_size=1024):
+        for rec in batch.to_pylist():
+            yield f"{f}: row {i}", rec
+            i += 1
+
+
+def _iter_saved(folder: Path, split: str, columns: list[str] | None) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(folder))
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f"{folder}: not a readable saved dataset ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise UserError(f"{folder}: no split {split!r} (has {list(ds)})")
+        ds = ds[split]
+    missing = [c for c in columns or [] if c not in ds.column_names]
+    if missing:
+        raise UserError(f"{folder}: no column {missing[0]!r} (has {ds.column_names})")
+    if columns:
+        ds = ds.select_columns(columns)
+    i = 0
+    for batch in ds.iter(batch_size=1024):
+        for rec in (dict(zip(batch, row)) for row in zip(*batch.values())):
+            yield f"{folder}[{split}]: row {i}", rec
+            i += 1
+
+
+def in_validation(key: str, fraction: float) -> bool:
+    """The one train/validation split: by a hash of the content, so the same document or record lands in the
+    same split whatever the order, the worker count or the machine."""
+    h = int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+    return h < fraction * 2**64
 
 
 def open_source(spec: str, **kwargs: Any) -> TextSource:

@@ -1,12 +1,13 @@
-"""ZeRO checkpoints: atomic `latest`, keep-last-K, resume resolution, world-size changes, consolidation.
+"""ZeRO checkpoints for training: one object that saves and restores every stateful part of a run.
 
-Layout under a run directory:
-  checkpoints/step_00001000/          DeepSpeed's files (one optimizer shard per rank), plus
-      rng_rank{r}.pt                  each rank's RNG states
-      lillm.json                      step, world size, model config, tokenizer fingerprint (rank 0, last)
-  checkpoints/step_00001000_universal/  made on demand by `ds_to_universal` for another world size
-  checkpoints/latest                  the newest complete tag; replaced atomically after every rank wrote
-  tokenizer/, config.yaml             the run's tokenizer and resolved configuration
+`Checkpoint` is handed the run's identity (model config, tokenizer, objective, LoRA settings ...) when it
+is made, and its stateful parts (the engine, the loader, the progress counters) once they exist. It then
+decides everything about resuming: which checkpoint (`train.resume`), whether it fits this run, how to
+load one saved by another number of ranks (DeepSpeed's universal format), and what goes where in the
+files. The training loop only calls `save(step)`.
+
+Saving is all-or-nothing: every rank writes its shard, rank 0 writes `lillm.json` last and only then moves
+`latest`, so a crash mid-save leaves the previous checkpoint in charge. The layout is in `lillm.runs`.
 """
 
 from __future__ import annotations
@@ -14,26 +15,26 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from lillm.errors import UserError
 from lillm.files import write_atomic
+from lillm.lora import lora_state_dict
+from lillm.runs import ADAPTER, LATEST, META, TAG_RE, checkpoints_dir, read_meta, resolve_checkpoint, tag_for
 
-TAG_RE = re.compile(r"^step_(\d{8})$")
-META = "lillm.json"
 
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
 
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def rng_state() -> dict[str, Any]:
@@ -49,40 +50,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def read_meta(tag_dir: Path) -> dict[str, Any]:
-    f = tag_dir / META
-    if not f.is_file():
-        raise UserError(f"{tag_dir}: not a complete lillm checkpoint (no {META})")
-    return json.loads(f.read_text())
-
-
-def resolve_checkpoint(spec: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> Path | None:
-    """A checkpoint tag directory from 'auto', 'none', a tag name, a run dir, a checkpoints dir or a tag dir."""
-    spec = str(spec)
-    if spec == "none":
-        return None
-    if spec == "auto":
-        if run_dir is None:
-            return None
-        latest = Path(run_dir) / "checkpoints" / "latest"
-        return Path(run_dir) / "checkpoints" / latest.read_text().strip() if latest.is_file() else None
-    p = Path(spec)
-    if not p.exists() and run_dir is not None and (Path(run_dir) / "checkpoints" / spec).is_dir():
-        p = Path(run_dir) / "checkpoints" / spec
-    if (p / "checkpoints").is_dir():
-        p = p / "checkpoints"
-    if (p / "latest").is_file():
-        p = p / (p / "latest").read_text().strip()
-    if not p.is_dir():
-        raise UserError(f"checkpoint {spec!r}: not found")
-    read_meta(p)
-    return p
-
-
-def is_checkpoint_path(p: Path) -> bool:
-    return (p / "checkpoints" / "latest").is_file() or (p / "latest").is_file() or (p / META).is_file()
 
 
 def universal_info() -> dict[str, Any]:
@@ -110,51 +77,147 @@ def convert_to_universal(tag_dir: Path) -> Path:
     return out
 
 
-class Checkpointer:
-    """Saves on every rank, moves `latest` only once all ranks finished, prunes to the last K."""
+def check_compatible(meta: dict[str, Any], tag_dir: Path, identity: dict[str, Any], world: int) -> None:
+    """Refuse, before anything is loaded, a checkpoint of another run: another model shape, tokenizer,
+    objective, LoRA setting or LoRA base; and a LoRA checkpoint at another world size."""
+    now = identity["model_config"]
+    if meta["model_config"] != now:
+        diff = {k: (v, now.get(k)) for k, v in meta["model_config"].items() if now.get(k) != v}
+        raise UserError(f"cannot resume {tag_dir}: it was trained with another model config (saved, now): {diff}")
+    if meta["tokenizer_fingerprint"] != identity["tokenizer_fingerprint"]:
+        raise UserError(f"cannot resume {tag_dir}: it was trained with another tokenizer")
+    saved, objective = meta.get("objective", "pretrain"), identity["objective"]
+    if saved != objective:
+        raise UserError(f"cannot resume {tag_dir}: it is a {saved} checkpoint, this is a {objective} run (start a "
+                        f"new train.run_dir, with init_from={tag_dir})")
+    lora = identity.get("lora")
+    if meta.get("lora") != lora:
+        raise UserError(f"cannot resume {tag_dir}: its LoRA settings {meta.get('lora')} differ from {lora}")
+    if lora and meta.get("base_fingerprint") != identity["base_fingerprint"]:
+        raise UserError(f"cannot resume {tag_dir}: its LoRA adapter was trained on another base model than "
+                        f"{identity['init_from']}")
+    if lora and meta["world_size"] != world:
+        # DeepSpeed's universal conversion of a checkpoint without its frozen weights loads back wrong
+        # adapter/optimizer states (measured: losses off by 0.25 after resume), so it is refused.
+        raise UserError(f"cannot resume the LoRA checkpoint {tag_dir} on {world} rank(s): it was saved by "
+                        f"{meta['world_size']}, and LoRA checkpoints resume only at their own world size. Resume "
+                        f"with {meta['world_size']} rank(s), or start a new run with init_from={tag_dir}")
 
-    def __init__(self, run_dir: str | os.PathLike, keep: int, rank: int, world_size: int) -> None:
-        self.dir = Path(run_dir) / "checkpoints"
-        self.keep, self.rank, self.world_size = keep, rank, world_size
+
+class Checkpoint:
+    """Saves and restores a run: DeepSpeed's engine (module, optimizer), every registered state, each rank's
+    RNG, and the run's identity; keeps the last `keep` checkpoints.
+
+    Use: `find(resume, ds_cfg)` before the engine exists (a resume at another world size changes how the
+    engine must be configured), then `register(engine, name=state, ...)`, `restore()`, and `save(step)`.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, identity: dict[str, Any], config_yaml: str, keep: int,
+                 rank: int, world_size: int) -> None:
+        self.dir = checkpoints_dir(run_dir)
+        self.identity, self.config_yaml, self.keep = identity, config_yaml, keep
+        self.rank, self.world_size = rank, world_size
+        self.frozen_base = bool(identity.get("lora"))  # LoRA: the checkpoint holds the adapter, not the base
+        self.engine: Any = None
+        self.states: dict[str, Stateful] = {}
+        self.resume_from: Path | None = None
+        self._load_dir: Path | None = None
+        self._saved_world = world_size
         if rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
 
-    def save(self, engine: Any, step: int, client_state: dict[str, Any], meta: dict[str, Any],
-             exclude_frozen: bool = False, on_saved: Callable[[Path], None] | None = None) -> Path:
-        """Save on every rank. exclude_frozen: leave frozen weights (a LoRA base) out of the files.
-        on_saved(tag_dir) runs on rank 0 after DeepSpeed's files and before the tag counts as complete."""
-        import torch.distributed as dist
+    def find(self, spec: str, ds_cfg: dict[str, Any], log: Any) -> Path | None:
+        """The checkpoint `spec` names ('auto', 'none', a tag or a path), checked against this run. Saved by
+        another number of ranks, it is converted to the universal format (once, by rank 0) and `ds_cfg` is
+        switched to load that."""
+        tag_dir = resolve_checkpoint(spec, self.dir.parent)
+        if tag_dir is None:
+            return None
+        meta = read_meta(tag_dir)
+        check_compatible(meta, tag_dir, self.identity, self.world_size)
+        self.resume_from, self._load_dir, self._saved_world = tag_dir, tag_dir, meta["world_size"]
+        if self._saved_world != self.world_size:
+            log.info(f"resuming a {self._saved_world}-rank checkpoint on {self.world_size} ranks: converting "
+                     f"{tag_dir.name} to DeepSpeed's universal format")
+            if self.rank == 0:
+                convert_to_universal(tag_dir)
+            dist.barrier()
+            ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
+            self._load_dir = tag_dir.with_name(tag_dir.name + "_universal")
+        return tag_dir
 
+    def register(self, engine: Any, **states: Stateful) -> None:
+        """The DeepSpeed engine and the other stateful parts, by the names they are saved under."""
+        self.engine, self.states = engine, states
+
+    def restore(self) -> bool:
+        """Load the checkpoint `find` chose into every registered part; False when there was none. RNG states
+        are per rank, so they are restored only at the world size that saved them."""
+        if self._load_dir is None:
+            return False
+        tag_dir = self._load_dir
+        load_path, client = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                                        load_lr_scheduler_states=False,
+                                                        load_module_strict=not self.frozen_base)
+        if load_path is None:
+            raise UserError(f"DeepSpeed could not load checkpoint {tag_dir}")
+        saved = client["lillm"]
+        if "progress" not in saved and "step" in saved:  # written before the states were registered by name
+            saved = {"progress": {"step": saved["step"], "tokens_seen": saved.get("tokens_seen", 0)},
+                     "loader": saved["loader"]}
+        for name, state in self.states.items():
+            if name not in saved:
+                raise UserError(f"cannot resume {self.resume_from}: it holds no {name!r} state")
+            state.load_state_dict(saved[name])
+        rng_file = tag_dir / f"rng_rank{self.rank}.pt"
+        if rng_file.is_file() and self._saved_world == self.world_size:
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        return True
+
+    def save(self, step: int) -> Path:
+        """Save on every rank (a collective). A failure on any rank removes the partial tag and leaves the
+        previous checkpoint as `latest`."""
         tag = tag_for(step)
         tag_dir = self.dir / tag
+        client_state = {"lillm": {name: state.state_dict() for name, state in self.states.items()},
+                        "universal_checkpoint_info": universal_info()}
         error = ""
         try:
-            engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False,
-                                   exclude_frozen_parameters=exclude_frozen)
+            self.engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False,
+                                        exclude_frozen_parameters=self.frozen_base)
             torch.save(rng_state(), tag_dir / f"rng_rank{self.rank}.pt")
-            if on_saved is not None and self.rank == 0:
-                on_saved(tag_dir)
+            if self.rank == 0:
+                self._write_extras(tag_dir)
         except (OSError, RuntimeError) as e:  # disk full, permissions, a failed collective write
             error = f"{type(e).__name__}: {e}"
         ok = torch.tensor([0 if error else 1], dtype=torch.int64)
         if dist.is_initialized():
-            ok = ok.to(engine.device)
+            ok = ok.to(self.engine.device)
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if not int(ok.item()):
             if self.rank == 0:
                 shutil.rmtree(tag_dir, ignore_errors=True)
-            latest = (self.dir / "latest").read_text().strip() if (self.dir / "latest").is_file() else None
-            raise UserError(
-                f"saving checkpoint {tag} failed ({error or 'on another rank'}); "
-                f"the previous checkpoint ({latest or 'none'}) is intact"
-            )
+            latest = (self.dir / LATEST).read_text().strip() if (self.dir / LATEST).is_file() else None
+            raise UserError(f"saving checkpoint {tag} failed ({error or 'on another rank'}); "
+                            f"the previous checkpoint ({latest or 'none'}) is intact")
         if self.rank == 0:
-            write_atomic(tag_dir / META, json.dumps({**meta, "step": step, "world_size": self.world_size}, indent=2))
-            write_atomic(self.dir / "latest", tag)
+            meta = {**self.identity, "step": step, "world_size": self.world_size}
+            write_atomic(tag_dir / META, json.dumps(meta, indent=2))
+            write_atomic(self.dir / LATEST, tag)
             self._prune(tag)
         if dist.is_initialized():
             dist.barrier()
         return tag_dir
+
+    def _write_extras(self, tag_dir: Path) -> None:
+        """Rank 0's files of a tag, written before it counts as complete: the config and a LoRA adapter."""
+        write_atomic(tag_dir / "config.yaml", self.config_yaml)
+        if self.frozen_base:
+            from safetensors.torch import save_file
+
+            state = {k: v.detach().to("cpu", torch.float32).contiguous()
+                     for k, v in lora_state_dict(self.engine.module).items()}
+            save_file(state, tag_dir / ADAPTER, metadata={"format": "pt"})
 
     def _prune(self, latest: str) -> None:
         tags = sorted(d.name for d in self.dir.iterdir() if d.is_dir() and TAG_RE.match(d.name))
@@ -162,99 +225,6 @@ class Checkpointer:
             if old != latest:
                 shutil.rmtree(self.dir / old, ignore_errors=True)
                 shutil.rmtree(self.dir / (old + "_universal"), ignore_errors=True)
-
-
-def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """fp32 weights gathered from a ZeRO checkpoint's optimizer shards (any world size)."""
-    import contextlib
-    import io
-
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed narrates every shard it reads
-        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    return {k.removeprefix("_orig_mod."): v for k, v in state.items()}
-
-
-def load_model_from_checkpoint(path: Path) -> tuple[Any, Any]:
-    """(LilLM in fp32, Tokenizer or None) from a run directory or checkpoint.
-
-    A LoRA checkpoint holds only its adapter: the base named by `init_from` is loaded, checked against the
-    fingerprint the adapter was trained on, and the adapter is merged into it.
-    """
-    from lillm.config import ModelConfig
-    from lillm.model import LilLM
-    from lillm.tokenizer import load_tokenizer
-
-    tag_dir = resolve_checkpoint(path)
-    assert tag_dir is not None
-    meta = read_meta(tag_dir)
-    if (meta.get("lora") or {}).get("rank", 0) > 0:
-        model = load_lora_checkpoint(tag_dir, meta)
-    else:
-        model = LilLM(ModelConfig.from_dict(meta["model_config"]))
-        state = consolidated_state_dict(tag_dir)
-        if model.config.tie_embeddings:
-            state.setdefault("output.weight", state["tok_embeddings.weight"])
-        model.load_state_dict(state)
-    tok_dir = tag_dir.parent.parent / "tokenizer"
-    tokenizer = load_tokenizer(tok_dir) if (tok_dir / "tokenizer.json").is_file() else None
-    return model.eval(), tokenizer
-
-
-ADAPTER = "adapter.safetensors"
-
-
-def load_lora_checkpoint(tag_dir: Path, meta: dict[str, Any]) -> Any:
-    """The base model with this checkpoint's adapter merged in."""
-    from safetensors.torch import load_file
-
-    from lillm.loading import load_model
-    from lillm.lora import LoRAConfig, apply_lora, base_fingerprint, load_lora_state_dict, merge_lora
-
-    base, _ = load_model(meta["init_from"])
-    if base_fingerprint(base) != meta["base_fingerprint"]:
-        raise UserError(f"{tag_dir}: this LoRA adapter was trained on another base model than the one now at "
-                        f"{meta['init_from']} (weights differ); restore that base to use the adapter")
-    apply_lora(base, LoRAConfig(**meta["lora"]))
-    if not (tag_dir / ADAPTER).is_file():
-        raise UserError(f"{tag_dir}: no {ADAPTER} in this LoRA checkpoint")
-    load_lora_state_dict(base, load_file(tag_dir / ADAPTER), str(tag_dir / ADAPTER))
-    return merge_lora(base)
-
-
-def tag_for_world_size(tag_dir: Path, meta: dict[str, Any], world: int, rank: int, ds_cfg: dict[str, Any],
-                       log: Any) -> Path:
-    """The tag to load at this world size: the checkpoint itself, or (saved by another number of ranks) its
-    universal conversion, made once by rank 0, with `ds_cfg` switched to load the universal format."""
-    import torch.distributed as dist
-
-    if meta["world_size"] == world:
-        return tag_dir
-    log.info(f"resuming a {meta['world_size']}-rank checkpoint on {world} ranks: converting {tag_dir.name} to "
-             "DeepSpeed's universal format")
-    if rank == 0:
-        convert_to_universal(tag_dir)
-    dist.barrier()
-    ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
-    return tag_dir.with_name(tag_dir.name + "_universal")
-
-
-def load_engine_checkpoint(engine: Any, tag_dir: Path, meta: dict[str, Any], world: int, rank: int,
-                           strict: bool = True) -> dict[str, Any]:
-    """Load DeepSpeed's states (module, optimizer) and this rank's RNG; returns lillm's client state.
-
-    strict=False for LoRA checkpoints, which hold no frozen weights. RNG states are per rank, so they are
-    restored only at the world size that saved them.
-    """
-    load_path, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_lr_scheduler_states=False,
-                                               load_module_strict=strict)
-    if load_path is None:
-        raise UserError(f"DeepSpeed could not load checkpoint {tag_dir}")
-    rng_file = tag_dir / f"rng_rank{rank}.pt"
-    if rng_file.is_file() and meta["world_size"] == world:
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    return client["lillm"]
 
 
 def write_run_files(run_dir: Path, config_yaml: str, ds_cfg: dict[str, Any], tokenizer: Any) -> None:

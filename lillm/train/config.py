@@ -151,14 +151,26 @@ def plan_batches(train: TrainConfig, seq_len: int, world_size: int) -> BatchPlan
     return BatchPlan(train.micro_batch_size, seq_len, accum, world_size, steps)
 
 
+def resolve_seq_len(train: TrainConfig, max_seq_len: int, limit_name: str) -> int:
+    """train.seq_len, or the model's max_seq_len when it is 0; refused above the model's limit."""
+    seq_len = train.seq_len or max_seq_len
+    if seq_len > max_seq_len:
+        raise UserError(f"train.seq_len={seq_len} exceeds {limit_name}={max_seq_len}")
+    return seq_len
+
+
 def new_parser(prog: str, description: str, config_help: str):
-    """A jsonargparse parser with `--config FILE.yaml`, whose dataclass sections take their `--help` text from
-    the one-line docstrings under each field."""
+    """A training script's jsonargparse parser: `--config FILE.yaml`, `--ds_config` and the launcher's
+    `--local_rank`; the dataclass sections added later take their `--help` text from the one-line docstrings
+    under each field."""
     from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     parser = ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", action=ActionConfigFile, help=config_help)
+    parser.add_argument("--ds_config", type=str, default="ds_configs/zero2.json",
+                        help="DeepSpeed JSON; batch, lr and clipping keys may be \"auto\" (filled from --train).")
+    parser.add_argument("--local_rank", type=int, default=-1, help="Set by the deepspeed launcher; not for users.")
     return parser
 
 

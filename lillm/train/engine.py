@@ -1,7 +1,4 @@
-"""What every DeepSpeed training script shares: process group, device, optimizer, engine, signals, resume checks.
-
-Pretraining (`lillm.train.pretrain`) and post-training (`lillm.train.posttrain`) both build on these.
-"""
+"""What every DeepSpeed training run shares: process group, device, optimizer, engine, signals, exit codes."""
 
 from __future__ import annotations
 
@@ -14,9 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lillm.config import ModelConfig
 from lillm.errors import UserError
-from lillm.tokenizer import Tokenizer
 
 
 def _free_port() -> int:
@@ -37,15 +32,19 @@ def init_distributed() -> tuple[int, int, int]:
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGINT; the loop finishes the step, saves and exits 0."""
+    """Set by SIGTERM/SIGINT; the loop finishes the step, saves and exits 0. `close()` puts the previous
+    handlers back."""
 
     def __init__(self) -> None:
         self.signum = 0
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signum = signum
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def local_device(local_rank: int) -> torch.device:
@@ -91,8 +90,6 @@ def all_reduce(values: list[float], device: torch.device, op: Any = None) -> lis
     return t.tolist()
 
 
-
-
 def initialize_engine(model: nn.Module, ds_cfg: dict[str, Any], groups: list[dict[str, Any]], device: torch.device,
                       ds_path: str) -> tuple[Any, Any]:
     """`deepspeed.initialize` with lillm's optimizer; DeepSpeed's own validation errors become UserErrors."""
@@ -108,14 +105,14 @@ def initialize_engine(model: nn.Module, ds_cfg: dict[str, Any], groups: list[dic
     return engine, optimizer
 
 
-def check_resumable(meta: dict[str, Any], tag_dir: Any, model_config: ModelConfig, tokenizer: Tokenizer) -> None:
-    """Refuse, before anything is loaded, a checkpoint made with another model shape or tokenizer."""
-    now = model_config.to_dict()
-    if meta["model_config"] != now:
-        diff = {k: (v, now.get(k)) for k, v in meta["model_config"].items() if now.get(k) != v}
-        raise UserError(f"cannot resume {tag_dir}: it was trained with another model config (saved, now): {diff}")
-    if meta["tokenizer_fingerprint"] != tokenizer.fingerprint:
-        raise UserError(f"cannot resume {tag_dir}: it was trained with another tokenizer")
+def build_engine(model: nn.Module, train: Any, ds_cfg: dict[str, Any], ds_path: str,
+                 device: torch.device) -> tuple[Any, Any]:
+    """The model under a DeepSpeed engine as `train` asks: activation checkpointing, AdamW groups, compile."""
+    model.activation_checkpointing = train.activation_checkpointing
+    engine, optimizer = initialize_engine(model, ds_cfg, param_groups(model, train.weight_decay), device, ds_path)
+    if train.compile:
+        engine.compile()
+    return engine, optimizer
 
 
 def run_script(name: str, body) -> None:

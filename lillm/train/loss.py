@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from lillm.data.examples import IGNORE_INDEX
+
+__all__ = ["IGNORE_INDEX", "preference_loss", "sequence_logps", "token_loss"]
 
 
 def token_loss(logits: torch.Tensor, targets: torch.Tensor, normalizer: float) -> torch.Tensor:

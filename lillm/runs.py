@@ -1,0 +1,82 @@
+"""The run directory: where a training run keeps its checkpoints, and how a path names one.
+
+Layout under a run directory:
+  checkpoints/step_00001000/          DeepSpeed's files (one optimizer shard per rank), plus
+      rng_rank{r}.pt                  each rank's RNG states
+      adapter.safetensors             a LoRA run's adapter (the frozen base is not in the checkpoint)
+      config.yaml                     the resolved configuration that wrote it
+      lillm.json                      what the run is (model config, tokenizer, objective ...), its step and
+                                      world size; written last, by rank 0: a tag without it is incomplete
+  checkpoints/step_00001000_universal/  made on demand by `ds_to_universal` for another world size
+  checkpoints/latest                  the newest complete tag; replaced atomically after every rank wrote
+  tokenizer/, config.yaml, ds_config.json, metrics.jsonl, tensorboard/
+
+Both the trainer (which writes checkpoints) and inference loading (which reads them) build on this module;
+it imports nothing of lillm's but errors and files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from lillm.errors import UserError
+
+TAG_RE = re.compile(r"^step_(\d{8})$")
+META = "lillm.json"
+ADAPTER = "adapter.safetensors"
+LATEST = "latest"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def read_meta(tag_dir: Path) -> dict[str, Any]:
+    """A checkpoint's lillm.json; refuses a tag that has none (an interrupted save)."""
+    f = tag_dir / META
+    if not f.is_file():
+        raise UserError(f"{tag_dir}: not a complete lillm checkpoint (no {META})")
+    try:
+        return json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{f}: unreadable ({e})") from None
+
+
+def resolve_checkpoint(spec: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> Path | None:
+    """A checkpoint tag directory from 'auto', 'none', a tag name, a run dir, a checkpoints dir or a tag dir."""
+    spec = str(spec)
+    if spec == "none":
+        return None
+    if spec == "auto":
+        if run_dir is None:
+            return None
+        latest = checkpoints_dir(run_dir) / LATEST
+        return checkpoints_dir(run_dir) / latest.read_text().strip() if latest.is_file() else None
+    p = Path(spec)
+    if not p.exists() and run_dir is not None and (checkpoints_dir(run_dir) / spec).is_dir():
+        p = checkpoints_dir(run_dir) / spec
+    if (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    if (p / LATEST).is_file():
+        p = p / (p / LATEST).read_text().strip()
+    if not p.is_dir():
+        raise UserError(f"checkpoint {spec!r}: not found")
+    read_meta(p)
+    return p
+
+
+def is_checkpoint_path(p: Path) -> bool:
+    return (p / "checkpoints" / LATEST).is_file() or (p / LATEST).is_file() or (p / META).is_file()
+
+
+def run_dir_of(tag_dir: Path) -> Path:
+    """The run directory a tag directory belongs to."""
+    return tag_dir.parent.parent

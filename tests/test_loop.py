@@ -1,0 +1,193 @@
+"""The training loop in-process on one rank (a real DeepSpeed engine, no launcher): accumulation, the stop
+flag, NaN skipping, evaluation and checkpoint cadence, resume, and every train.* option of every entry point.
+End-to-end proof through the `deepspeed` launcher lives in test_pretrain.py and test_posttrain.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import sys
+
+import pytest
+import torch
+
+from lillm.train import posttrain, pretrain
+from lillm.train.config import TrainConfig
+from lillm.train.loop import Trainer
+
+from .conftest import QA, REPO, metrics, run_from_checkpoint
+
+FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+BASE = ["--ds_config", str(REPO / "ds_configs/zero2_cpu.json"), "--train.warmup_steps", "2",
+        "--train.log_interval", "1", "--train.eval_interval", "0", "--train.sample_tokens", "0",
+        "--train.ckpt_interval", "1000", "--train.tensorboard", "false"]
+PRETRAIN = ["--config", str(REPO / "launch/configs/debug.yaml"), "--model.vocab_size", "1024", "--train.seq_len", "32",
+            "--train.micro_batch_size", "2", "--train.grad_accum", "1", "--data.num_workers", "0", *BASE]
+
+
+def pretrainer(data, run_dir, *extra: str, record: bool = False) -> Trainer:
+    cfg, yaml = pretrain.parse_config([*PRETRAIN, "--data.dir", str(data), "--train.run_dir", str(run_dir), *extra])
+    if record:
+        cfg.train = recording(cfg.train)
+    return pretrain.build(cfg, yaml)
+
+
+def posttrainer(task, base, data, run_dir, *extra: str, record: bool = False) -> Trainer:
+    args = ["--config", str(REPO / f"launch/configs/{task}-debug.yaml"), "--init_from", str(base), "--data.source",
+            str(data), "--data.val_fraction", "0.2", "--train.run_dir", str(run_dir), "--train.seq_len", "64",
+            "--train.micro_batch_size", "2", "--train.grad_accum", "1", "--lora.rank", "4" if task == "dpo" else "0",
+            *BASE, *extra]
+    cfg, yaml = posttrain.parse_config(task, args)
+    if record:
+        cfg.train = recording(cfg.train)
+    return posttrain.build(cfg, yaml, task)
+
+
+def poison(trainer: Trainer, steps: set[int]) -> None:
+    """Make the loss non-finite during the given (0-based) optimizer steps."""
+    loss = trainer.objective.loss
+
+    def poisoned(engine, batch):
+        out = loss(engine, batch)
+        return out * float("nan") if trainer.progress.step in steps else out
+
+    trainer.objective.loss = poisoned
+
+
+class RecordingTrainConfig(TrainConfig):
+    """A TrainConfig that remembers which fields the run reads (dataclasses.asdict, which copies them all
+    into hparams and checkpoint metadata, does not count)."""
+
+    def __getattribute__(self, name):
+        if name in FIELDS and sys._getframe(1).f_code.co_filename != dataclasses.__file__:
+            self.__dict__.setdefault("_read", set()).add(name)
+        return object.__getattribute__(self, name)
+
+
+def recording(train: TrainConfig) -> RecordingTrainConfig:
+    rec = RecordingTrainConfig(**dataclasses.asdict(train))
+    rec.__dict__["_read"] = set()  # forget the reads of its own validation
+    return rec
+
+
+@pytest.fixture(scope="module")
+def chat_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("chat")
+    sft, dpo = out / "sft.jsonl", out / "dpo.jsonl"
+    sft.write_text("".join(json.dumps({"prompt": q, "response": a}) + "\n" for q, a in QA * 2))
+    dpo.write_text("".join(json.dumps({"prompt": q, "chosen": a, "rejected": f"No. {k}"}) + "\n"
+                           for k, (q, a) in enumerate(QA * 2)))
+    return {"sft": sft, "dpo": dpo}
+
+
+def test_accumulation_equals_a_bigger_micro_batch(process_group, pretrain_shards, tmp_path):
+    big = pretrainer(pretrain_shards, tmp_path / "big", "--train.micro_batch_size", "4", "--train.max_steps", "4")
+    assert big.fit() == 0
+    accum = pretrainer(pretrain_shards, tmp_path / "accum", "--train.grad_accum", "2", "--train.max_steps", "4")
+    assert accum.fit() == 0
+    a, b = metrics(tmp_path / "big"), metrics(tmp_path / "accum")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert all(b[s] == pytest.approx(a[s], abs=1e-5) for s in a), (a, b)
+    assert accum.progress.tokens_seen == big.progress.tokens_seen == 4 * 4 * 32
+
+
+def test_eval_log_and_checkpoint_cadence_and_in_process_resume(process_group, pretrain_shards, tmp_path):
+    cadence = ["--train.max_steps", "7", "--train.log_interval", "3", "--train.eval_interval", "2",
+               "--train.eval_batches", "2", "--train.ckpt_interval", "3", "--train.keep_checkpoints", "2"]
+    first = pretrainer(pretrain_shards, tmp_path / "a", *cadence)
+    assert first.fit() == 0
+    assert sorted(metrics(tmp_path / "a")) == [3, 6, 7]  # every log_interval, and the last step
+    assert sorted(metrics(tmp_path / "a", "val/loss")) == [2, 4, 6, 7]
+    tags = sorted(p.name for p in (tmp_path / "a/checkpoints").iterdir() if p.is_dir())
+    assert tags == ["step_00000006", "step_00000007"]  # 3 was pruned (keep 2)
+
+    # Resume at step 6 in a fresh Trainer: the checkpoint restores the step, tokens, data position and RNG.
+    resumed = pretrainer(pretrain_shards, run_from_checkpoint(tmp_path / "a", tmp_path / "b", "step_00000006"),
+                         *cadence)
+    assert resumed.progress.step == 6 and resumed.progress.tokens_seen == 6 * 2 * 32
+    assert resumed.objective.loader.global_position == 6 * 2
+    assert resumed.fit() == 0
+    assert metrics(tmp_path / "b") == {7: metrics(tmp_path / "a")[7]}  # bit-identical
+    assert metrics(tmp_path / "b", "val/loss") == {7: metrics(tmp_path / "a", "val/loss")[7]}
+
+
+def test_stop_flag_saves_at_the_end_of_the_step_and_returns_0(process_group, pretrain_shards, tmp_path):
+    trainer = pretrainer(pretrain_shards, tmp_path / "stop", "--train.max_steps", "50")
+    loss = trainer.objective.loss
+
+    def interrupted(engine, batch):
+        if trainer.progress.step == 2:
+            signal.raise_signal(signal.SIGTERM)  # a scheduler's preemption, mid-step
+        return loss(engine, batch)
+
+    trainer.objective.loss = interrupted
+    assert trainer.fit() == 0
+    assert (tmp_path / "stop/checkpoints/latest").read_text() == "step_00000003"
+    assert max(metrics(tmp_path / "stop")) == 3
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the loop's handler is gone
+
+
+def test_nonfinite_losses_are_skipped_up_to_max_bad_steps(process_group, pretrain_shards, tmp_path):
+    skip = pretrainer(pretrain_shards, tmp_path / "skip", "--train.max_steps", "4", "--train.max_bad_steps", "1")
+    poison(skip, {1})
+    before = [p.detach().clone() for p in skip.engine.module.parameters()]
+    assert skip.fit() == 0
+    losses = metrics(tmp_path / "skip")
+    assert sorted(losses) == [1, 2, 3, 4] and losses[2] == 0.0  # the skipped step logs its zero loss
+    assert all(torch.isfinite(p).all() for p in skip.engine.module.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, skip.engine.module.parameters()))
+
+    stop = pretrainer(pretrain_shards, tmp_path / "stop", "--train.max_steps", "4", "--train.max_bad_steps", "1")
+    poison(stop, {1, 2})
+    assert stop.fit() == 2
+    assert list((tmp_path / "stop").glob("nonfinite_step2_rank0.pt"))
+    assert not (tmp_path / "stop/checkpoints/latest").exists()
+
+
+def test_a_diverging_run_stops_with_exit_2_and_a_diagnosis(process_group, pretrain_shards, tmp_path):
+    run_dir = tmp_path / "diverge"
+    trainer = pretrainer(pretrain_shards, run_dir, "--train.max_steps", "6", "--train.lr", "1e38",
+                         "--train.min_lr", "0", "--train.warmup_steps", "0", "--train.grad_clip", "0")
+    assert trainer.fit() == 2
+    diag = next(run_dir.glob("nonfinite_step*_rank0.pt"))
+    saved = torch.load(diag, weights_only=False)
+    assert saved["batch"].shape == (2, 33) and saved["lr"] > 1e37 and saved["step"] == 1
+    assert not (run_dir / "checkpoints/latest").exists()
+
+
+@pytest.mark.parametrize("task", ["pretrain", "sft", "dpo"])
+def test_every_train_option_of_every_entry_point_is_used(process_group, task, pretrain_shards, chat_base, chat_data,
+                                                         tmp_path):
+    """Each entry point offers the whole train section, and a run reads every field of it: an option that is
+    offered but ignored (as post-training once ignored max_bad_steps and eval_batches) fails here."""
+    parser = pretrain.build_parser() if task == "pretrain" else posttrain.build_parser(task)
+    offered = set(parser.get_defaults().as_dict()["train"])
+    assert offered == FIELDS
+    # max_tokens instead of max_steps, global_batch_tokens instead of grad_accum, a NaN step to skip (two
+    # micro-batches), and
+    # evaluation, sampling and checkpoints within the run: every branch that reads an option is taken.
+    seq = 32 if task == "pretrain" else 64
+    extra = ["--train.max_steps", "0", "--train.max_tokens", str(3 * 2 * 2 * seq), "--train.grad_accum", "0",
+             "--train.global_batch_tokens", str(2 * 2 * seq), "--train.max_bad_steps", "2",
+             "--train.eval_interval", "2", "--train.sample_tokens", "2", "--train.ckpt_interval", "2",
+             "--train.activation_checkpointing", "true", "--train.tensorboard", "true"]
+    if task == "pretrain":
+        trainer = pretrainer(pretrain_shards, tmp_path / task, *extra, record=True)
+    else:
+        trainer = posttrainer(task, chat_base, chat_data[task], tmp_path / task, *extra, record=True)
+    poison(trainer, {0})
+    assert trainer.fit() == 0
+    assert trainer.plan.grad_accum == 2 and trainer.progress.step == 3
+    assert metrics(tmp_path / task, "val/loss")  # it evaluated
+    assert FIELDS - trainer.train._read == set()
+
+
+def test_posttraining_resume_refuses_another_row_length(process_group, chat_base, chat_data, tmp_path):
+    from lillm.errors import UserError
+
+    first = posttrainer("sft", chat_base, chat_data["sft"], tmp_path / "sft", "--train.max_steps", "2")
+    assert first.fit() == 0
+    with pytest.raises(UserError, match="seq_len was 64 when saved, now 48"):
+        posttrainer("sft", chat_base, chat_data["sft"], tmp_path / "sft", "--train.max_steps", "4",
+                    "--train.seq_len", "48")
