@@ -4,11 +4,13 @@
 #   bash launch/pretrain_2xa100.sh --train.lr 3e-4       # any override
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export NCCL_IB_DISABLE=${NCCL_IB_DISABLE:-1}          # single node: NVLink/PCIe, no InfiniBand needed
-export NCCL_P2P_LEVEL=${NCCL_P2P_LEVEL:-NVL}
-export NCCL_ASYNC_ERROR_HANDLING=1                      # a hung rank fails the job instead of stalling it
+export NCCL_IB_DISABLE=${NCCL_IB_DISABLE:-1}          # single node: no InfiniBand needed
+# Peer-to-peer: NCCL picks NVLink where the pair has it and PCIe otherwise (NCCL_P2P_LEVEL=NVL would turn
+# it off on PCIe-only A100 pairs); set NCCL_P2P_LEVEL yourself only to restrict it.
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}   # a hung rank fails the job
 export TORCH_NCCL_AVOID_RECORD_STREAMS=1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+export PATH="$PATH:$PWD/.venv/bin"   # a deepspeed already on PATH first, else the checkout's .venv
 exec deepspeed --num_gpus 2 launch/pretrain.py \
   --ds_config ds_configs/zero2.json \
   --config launch/configs/lil-39m-2xa100.yaml "$@"

@@ -274,8 +274,25 @@ def checkpoint(path: str, convert_universal: bool = False) -> None:
         print(f"  universal: {convert_to_universal(tag_dir)}")
 
 
+def pretrain() -> None:
+    """Pretrain with DeepSpeed (ZeRO-2): the options of launch/pretrain.py; `lillm pretrain --help` lists them.
+
+    One process here; several with `deepspeed --num_gpus N --module lillm.train.pretrain ...`. Shipped
+    configs go by name: `lillm pretrain --config debug --ds_config zero2_cpu`.
+    """
+
+
+def sft() -> None:
+    """Supervised fine-tuning: the options of launch/sft.py (`lillm sft --help`), e.g. `--config sft-debug`."""
+
+
+def dpo() -> None:
+    """Direct preference optimisation: the options of launch/dpo.py (`lillm dpo --help`)."""
+
+
+TRAINING = {"pretrain": pretrain, "sft": sft, "dpo": dpo}
 COMMANDS = {"generate": generate, "chat": chat, "train-tokenizer": train_tokenizer, "prepare": prepare,
-            "shards": shards, "export": export, "checkpoint": checkpoint}
+            "shards": shards, "export": export, "checkpoint": checkpoint, **TRAINING}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -286,6 +303,15 @@ def main(argv: list[str] | None = None) -> None:
 
     if not os.path.exists("/proc/driver/nvidia/version"):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no NVIDIA driver: spare DeepSpeed's detection warning
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args and args[0] in TRAINING:
+        # The training scripts' own parsers (model/data/train/lora/dpo sections); the functions above only
+        # give these commands their line in `lillm --help`.
+        from lillm.train import posttrain, pretrain
+
+        if args[0] == "pretrain":
+            pretrain.main(args[1:])
+        posttrain.main(args[0], args[1:])
     try:
         CLI(COMMANDS, args=argv, prog="lillm", description="lillm: train and use small Llama-3-style models.")
     except UserError as e:

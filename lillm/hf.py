@@ -106,7 +106,7 @@ def export_hf(
     if tokenizer_dir is not None:
         tok = tokenizer_dir if isinstance(tokenizer_dir, Tokenizer) else load_tokenizer(tokenizer_dir)
         special_ids = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id, "eot": tok.eot_id}
-        tok.save(out)
+        tok.save(out, prompt_prefix=True)
     tensors = {}
     for name, tensor in model.state_dict().items():
         if name == "output.weight" and model.config.tie_embeddings:
@@ -114,7 +114,9 @@ def export_hf(
         tensors[to_hf_key(name)] = tensor.detach().to("cpu", dtype).contiguous()
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config(model.config, special_ids, dtype), indent=2) + "\n")
-    gen = {"_from_model_config": True, "do_sample": False, "max_length": model.config.max_seq_len}
+    # No max_length: transformers warns on every call that also passes max_new_tokens; the context length is
+    # config.json's max_position_embeddings.
+    gen = {"_from_model_config": True, "do_sample": False}
     if special_ids:
         # Generation ends at the end of a document or of an assistant turn, as in `lillm chat`.
         eos = [i for i in (special_ids["eos"], special_ids["eot"]) if i is not None]

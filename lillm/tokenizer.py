@@ -124,11 +124,22 @@ class Tokenizer:
             i = k
         return spans
 
-    def save(self, out_dir: str | os.PathLike) -> Path:
-        """Write tokenizer.json and the files `transformers.AutoTokenizer.from_pretrained` reads."""
+    def save(self, out_dir: str | os.PathLike, prompt_prefix: bool = False) -> Path:
+        """Write tokenizer.json and the files `transformers.AutoTokenizer.from_pretrained` reads.
+
+        prompt_prefix (for exports): transformers' `tokenizer(text)` then puts <|end_of_text|> in front of a
+        text, as `prompt_ids` does, so a prompt gets the same ids, and the same continuation, in both. lillm
+        itself never adds special tokens when encoding, so this changes nothing for lillm.
+        """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.tok.save(str(out / "tokenizer.json"))
+        data = json.loads(self.tok.to_str())
+        if prompt_prefix:
+            prefix = processors.TemplateProcessing(single=f"{EOS} $A", pair=f"{EOS} $A {EOS} $B:1",
+                                                   special_tokens=[(EOS, self.eos_id)])
+            steps = [data["post_processor"]] if data.get("post_processor") else []
+            data["post_processor"] = {"type": "Sequence", "processors": [*steps, json.loads(prefix.__getstate__())]}
+        (out / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False, indent=2))
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": BOS,

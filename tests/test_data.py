@@ -213,42 +213,63 @@ def test_validation_windows_are_fixed(prepared):
     assert all((x == y).all() for x, y in zip(a, [split[q % 2][q // 2] for q in range(5)]))
 
 
-def _accelerate_worker(data_dir, out_dir):
+def _accelerate_worker(data_dir, out_dir, phase):
+    """One process of an `accelerate` job: the DataLoader path, then PretrainLoader resumed by accelerate."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
     from torch.utils.data import DataLoader
 
     acc = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(dispatch_batches=False, split_batches=False))
-    ds = PackedWindows(ShardSet(data_dir), 16, 2, seed=4)  # rank 0 of 1: accelerate shards it
-    loader = acc.prepare(DataLoader(ds, batch_size=2))
-    rows = []
-    for i, batch in enumerate(loader):
-        rows.extend(batch.tolist())
-        if i == 9:
-            break
-    with open(os.path.join(out_dir, f"rank{acc.process_index}.json"), "w") as fh:
-        json.dump(rows, fh)
+    out = {}
+    if phase == "save":
+        ds = PackedWindows(ShardSet(data_dir), 16, 2, seed=4)  # rank 0 of 1: accelerate shards it
+        rows = []
+        for i, batch in enumerate(acc.prepare(DataLoader(ds, batch_size=2))):
+            rows.extend(batch.tolist())
+            if i == 9:
+                break
+        out["dataloader"] = rows
+    # The documented path: lillm's loader knows its rank; accelerate checkpoints its state with the run's.
+    loader = PretrainLoader(ShardSet(data_dir), 16, 2, acc.process_index, acc.num_processes, seed=4, num_workers=1)
+    acc.register_for_checkpointing(loader)
+    batches = iter(loader)
+    if phase == "save":
+        [next(batches) for _ in range(3)]
+        acc.save_state(os.path.join(out_dir, "state"))
+    else:
+        acc.load_state(os.path.join(out_dir, "state"))
+        batches = iter(loader)
+    out["next"] = [next(batches).tolist() for _ in range(3)]
+    with open(os.path.join(out_dir, f"{phase}{acc.process_index}.json"), "w") as fh:
+        json.dump(out, fh)
 
 
-def test_accelerate_two_processes_read_each_window_once(prepared, tmp_path):
-    script = tmp_path / "acc.py"
-    script.write_text(
-        f"import sys\nsys.path.insert(0, {str(REPO)!r})\nfrom tests.test_data import _accelerate_worker\n"
-        f"_accelerate_worker({str(prepared)!r}, {str(tmp_path)!r})\n"
-    )
-    # torchrun sets RANK/WORLD_SIZE; accelerate's Accelerator(cpu=True) then runs multi-CPU over gloo.
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+def test_accelerate_two_processes_read_each_window_once_and_resume(prepared, tmp_path):
+    for phase in ("save", "load"):
+        script = tmp_path / f"{phase}.py"
+        script.write_text(
+            f"import sys\nsys.path.insert(0, {str(REPO)!r})\nfrom tests.test_data import _accelerate_worker\n"
+            f"_accelerate_worker({str(prepared)!r}, {str(tmp_path)!r}, {phase!r})\n"
+        )
+        # torchrun sets RANK/WORLD_SIZE; accelerate's Accelerator(cpu=True) then runs multi-CPU over gloo.
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert r.returncode == 0, r.stderr[-3000:]
+    saved = [json.loads((tmp_path / f"save{i}.json").read_text()) for i in range(2)]
     ds = PackedWindows(ShardSet(prepared), 16, 2, seed=4)
     stream = [ds.read(int(w)).tolist() for w in ds.window_ids(np.arange(40))]
     # Same assignment as the native path: micro-batch q goes to rank q % 2.
     for rank in range(2):
         expect = [stream[q * 2 + j] for q in range(rank, 20, 2) for j in range(2)]
-        assert rows[rank] == expect
-    flat = [tuple(r) for rk in rows for r in rk]
+        assert saved[rank]["dataloader"] == expect
+    flat = [tuple(r) for rk in saved for r in rk["dataloader"]]
     assert len(set(flat)) == len(flat) == 40
+    # After accelerate's save_state / load_state, each process continues its stream where it was (with a
+    # DataLoader worker reading ahead): micro-batches 6.. of the global stream, rank r taking q % 2 == r.
+    for rank in range(2):
+        loaded = json.loads((tmp_path / f"load{rank}.json").read_text())
+        assert loaded["next"] == saved[rank]["next"]
+        assert loaded["next"][0] == stream[(6 + rank) * 2 : (6 + rank) * 2 + 2]
 
 
 def test_bad_inputs(tmp_path, tokenizer_dir, prepared):
@@ -327,6 +348,19 @@ def test_hub_code_path_on_local_files(corpus, tokenizer_dir, tmp_path):
     assert list(open_source(str(tmp_path / "splits"), split="test")) == docs[3:5]
     with pytest.raises(UserError, match="no split 'dev'"):
         list(open_source(str(tmp_path / "splits"), split="dev"))
+    # `lillm prepare FOLDER --split test` on the saved DatasetDict, and prepare() on an in-memory Dataset and
+    # IterableDataset: the same documents give the same shards.
+    r = run_cli("prepare", str(tmp_path / "splits"), str(tokenizer_dir), str(tmp_path / "from_dict"), "--split",
+                "test", "--val_fraction", "0", "--shard_tokens", "4096")
+    assert r.returncode == 0, r.stderr[-2000:]
+    from_dict = read_manifest(tmp_path / "from_dict")
+    for i, ds in enumerate((splits["test"], splits["test"].to_iterable_dataset())):
+        m = prepare(ds, tokenizer_dir, tmp_path / f"mem{i}", shard_tokens=4096, val_fraction=0, progress=False)
+        assert m["totals"]["documents"] == 2
+        assert [s["sha256"] for s in m["splits"]["train"]["shards"]] == [
+            s["sha256"] for s in from_dict["splits"]["train"]["shards"]]
+    with pytest.raises(UserError, match=r"no column 'text' \(has \['body'\]\)"):
+        prepare(splits["test"].rename_column("text", "body"), tokenizer_dir, tmp_path / "bad", progress=False)
 
 
 def test_interrupted_prepare_leaves_no_manifest_and_reruns_cleanly(tokenizer_dir, tmp_path):

@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import pytest
 import torch
@@ -73,3 +74,25 @@ def test_import_refuses_foreign_directories(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(UserError, match="model_type is 'gpt2'"):
         import_hf(tmp_path)
+
+
+def test_a_prompt_gets_the_same_ids_and_continuation_in_transformers(tmp_path, tokenizer_dir):
+    """One convention: a prompt starts after <|end_of_text|>, in `lillm generate` and in the exported tokenizer."""
+    from lillm.tokenizer import load_tokenizer
+
+    transformers = pytest.importorskip("transformers")
+    tok = load_tokenizer(tokenizer_dir)
+    model = tiny_model(vocab_size=tok.vocab_size)
+    export_hf(model, tmp_path, tokenizer_dir=tok)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    prompt = "The module provides"
+    assert hf_tok(prompt).input_ids == tok.prompt_ids(prompt)
+    assert hf_tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
+                                      tokenize=True, return_dict=True)["input_ids"] == tok.encode_chat(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    ours = generate(model, [tok.prompt_ids(prompt)], SamplingConfig(max_new_tokens=12, temperature=0))[0]
+    pipe = transformers.pipeline("text-generation", model=str(tmp_path), device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. max_length and max_new_tokens both set
+        got = pipe(prompt, max_new_tokens=12, do_sample=False, return_full_text=False)[0]["generated_text"]
+    assert got == tok.decode(ours)

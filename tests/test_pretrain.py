@@ -78,6 +78,8 @@ def test_tensorboard_scalars_read_back(full_run):
     assert [e.step for e in acc.Scalars("val/loss")] == [6, 12]
     text_tags = set(acc.Tags()["tensors"])
     assert any("samples" in t for t in text_tags) and any("config" in t for t in text_tags)
+    sample = acc.Tensors(next(t for t in text_tags if "samples" in t))[0].tensor_proto.string_val[0].decode()
+    assert sample.startswith("```\nThe") and sample.endswith("\n```")  # shown as written, not as Markdown
     loss12 = acc.Scalars("train/loss")[-1].value
     assert loss12 == pytest.approx(losses(run_dir)[12], rel=1e-6)
 
@@ -127,7 +129,8 @@ def test_export_loads_in_transformers_with_equal_logits(full_run, tmp_path):
         assert (ours(x) - hf(x).logits).abs().max() < 1e-4
     assert import_hf(tmp_path / "hf").config == ours.config
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    assert hf_tok.encode("The module provides") == tok.encode("The module provides")
+    assert hf_tok.encode("The module provides") == tok.prompt_ids("The module provides")  # one prompt convention
+    assert hf_tok.encode("The module provides", add_special_tokens=False) == tok.encode("The module provides")
     r = run_cli("generate", str(run_dir), "The", "--max_new_tokens", "5", "--temperature", "0")
     assert r.returncode == 0 and r.stdout.startswith("The"), r.stderr
 
@@ -213,3 +216,57 @@ def test_bad_inputs_exit_cleanly(data, full_run, tmp_path):
                        capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 2 and "another model config" in r.stderr, r.stderr[-2000:]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+
+
+def test_slurm_job_on_two_fake_nodes_saves_at_the_time_limit_requeues_and_resumes(full_run, data, tmp_path):
+    """launch/slurm_pretrain.sbatch in a fake SLURM allocation (stub scontrol and srun on PATH, SLURM_* set):
+    two "nodes" (localhost and 127.0.0.1) x 1 CPU rank through DeepSpeed's --no_ssh path. The time-limit
+    warning (USR1 to the batch shell) makes every rank save and stop and the job requeue itself; the second
+    start resumes and ends with the same losses as the uninterrupted 1 node x 2 ranks run."""
+    ref_dir, _ = full_run
+    run_dir = tmp_path / "slurm"
+    env = {**ENV, "PATH": f"{REPO / 'tests/fake_slurm'}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
+           "SLURM_JOB_NODELIST": "fake[0-1]", "SLURM_NNODES": "2", "SLURM_SUBMIT_DIR": str(REPO),
+           "FAKE_SLURM_HOSTS": "localhost 127.0.0.1", "FAKE_SLURM_LOG": str(tmp_path / "slurm.log"),
+           "LILLM_GPUS_PER_NODE": "1", "LILLM_CONFIG": "debug", "LILLM_DS_CONFIG": "zero2_cpu",
+           "MASTER_PORT": str(29300 + os.getpid() % 1000)}
+    cmd = ["bash", "launch/slurm_pretrain.sbatch", *_args(data, run_dir, 12)[1:]]
+    job = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                           start_new_session=True)
+    _wait_for_step(run_dir, 3, job)
+    job.send_signal(signal.SIGUSR1)  # what #SBATCH --signal=B:USR1@120 sends before the time limit
+    out, _ = job.communicate(timeout=300)
+    assert job.returncode == 0, out[-3000:]
+    assert "on 2 node(s) x 1" in out and "2 rank(s) on cpu" in out and "saving at step" in out, out[-3000:]
+    assert (tmp_path / "slurm.log").read_text() == "requeue 4242\n"
+    saved = int((run_dir / "checkpoints/latest").read_text().removeprefix("step_"))
+    assert 3 <= saved < 12 and max(losses(run_dir)) == saved
+    assert not _rank_pids(run_dir, with_workers=True)  # nothing left running
+
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)  # the requeued start
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"at step {saved}" in r.stdout and (tmp_path / "slurm.log").read_text() == "requeue 4242\n"
+    ref, got = losses(ref_dir), losses(run_dir)
+    assert sorted(got) == list(range(1, 13)) and all(got[s] == ref[s] for s in got), (got, ref)  # bit-identical
+
+
+def test_accelerate_launch_with_the_deepspeed_plugin_config(data, tmp_path):
+    """`accelerate launch --config_file launch/accelerate_deepspeed.yaml launch/pretrain.py`, made CPU-sized:
+    accelerate starts 2 processes and the run takes its DeepSpeed JSON from the plugin config."""
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "launch/accelerate_deepspeed.yaml").read_text())
+    cfg["use_cpu"] = True
+    cfg["deepspeed_config"]["deepspeed_config_file"] = "ds_configs/zero2_cpu.json"
+    (tmp_path / "acc.yaml").write_text(yaml.safe_dump(cfg))
+    run_dir = tmp_path / "acc"
+    args = [a for a in _args(data, run_dir, 2)[1:]]
+    i = args.index("--ds_config")
+    del args[i : i + 2]  # 'auto': the plugin's file
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(tmp_path / "acc.yaml"),
+           "--main_process_port", str(29200 + os.getpid() % 1000), "launch/pretrain.py", *args]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=ENV)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "2 rank(s) on cpu, fp32, ZeRO stage 2" in r.stdout and sorted(losses(run_dir)) == [1, 2]
+    filled = json.loads((run_dir / "ds_config.json").read_text())
+    assert "bf16" not in filled and filled["zero_optimization"]["reduce_bucket_size"] == 5_000_000  # zero2_cpu

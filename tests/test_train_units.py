@@ -201,3 +201,23 @@ def test_non_finite_sampling_lora_and_dpo_options_are_refused():
 def test_negative_loader_workers_are_refused():
     with pytest.raises(UserError, match="num_workers must be >= 0"):
         parse_config(["--config", str(REPO / "launch/configs/debug.yaml"), "--data.num_workers=-4"])
+
+
+def test_2xa100_launcher_environment(tmp_path):
+    """launch/pretrain_2xa100.sh with a stub `deepspeed` that reports what it was given."""
+    import os
+    import subprocess
+
+    stub = tmp_path / "bin/deepspeed"
+    stub.parent.mkdir()
+    stub.write_text('#!/usr/bin/env bash\necho "ARGS $*"; env | grep -E "^(TORCH_)?NCCL" | sort\n')
+    stub.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if "NCCL" not in k}
+    env["PATH"] = f"{stub.parent}:{env['PATH']}"
+    out = subprocess.run(["bash", "launch/pretrain_2xa100.sh", "--train.lr", "3e-4"], cwd=REPO, capture_output=True,
+                         text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert ("ARGS --num_gpus 2 launch/pretrain.py --ds_config ds_configs/zero2.json --config "
+            "launch/configs/lil-39m-2xa100.yaml --train.lr 3e-4") in lines
+    assert "TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in lines and not any(x.startswith("NCCL_P2P_LEVEL") for x in lines)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from lillm.data.sources import TextSource, in_validation
+from lillm.data.sources import TextSource, dataset_source, in_validation
 from lillm.errors import UserError
 from lillm.files import read_json, write_json_atomic
 from lillm.tokenizer import Tokenizer, load_tokenizer
@@ -145,7 +145,7 @@ def _clean_leftovers(out_dir: Path, keep: set[str]) -> int:
 
 
 def prepare(
-    source: TextSource,
+    source: TextSource | Any,
     tokenizer_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     shard_tokens: int = 1 << 26,
@@ -155,7 +155,10 @@ def prepare(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Tokenize `source` into shards under `out_dir`; returns the manifest."""
+    """Tokenize `source` (a TextSource, or an in-memory `datasets.Dataset`/`IterableDataset` with a "text"
+    column) into shards under `out_dir`; returns the manifest."""
+    if not isinstance(source, TextSource):
+        source = dataset_source(source)
     if shard_tokens < 1024:
         raise UserError(f"shard_tokens={shard_tokens} is too small (at least 1024)")
     if num_workers < 0:

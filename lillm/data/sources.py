@@ -47,16 +47,22 @@ class TextSource:
     errors: Literal["replace", "strict"] = "replace"
     """Undecodable bytes: replace them (and count the document) or stop with an error."""
     stats: dict[str, int] = field(default_factory=lambda: {"documents": 0, "replaced_documents": 0})
+    dataset: Any = field(default=None, repr=False)
+    """An in-memory `datasets.Dataset` or `IterableDataset` to read instead of `spec` (see `dataset_source`)."""
 
     def describe(self) -> dict[str, Any]:
         """What the manifest records about this source."""
         out: dict[str, Any] = {"spec": self.spec, "text_field": self.text_field}
+        if self.dataset is not None:
+            out["fingerprint"] = getattr(self.dataset, "_fingerprint", None)
         if self.spec.startswith("hf:"):
             out.update(hf_config=self.hf_config, split=self.split)
         return out
 
     def __iter__(self) -> Iterator[str]:
-        if self.spec == BUILTIN:
+        if self.dataset is not None:
+            it = (self._field(rec, f"{self.spec}: record {i}") for i, rec in enumerate(self.dataset))
+        elif self.spec == BUILTIN:
             it = _builtin_corpus()
         elif self.spec.startswith("hf:"):
             it = self._iter_hf()
@@ -236,6 +242,23 @@ def open_source(spec: str, **kwargs: Any) -> TextSource:
     if spec != BUILTIN and not spec.startswith("hf:"):
         src.files()
     return src
+
+
+def dataset_source(dataset: Any, text_field: str = "text") -> TextSource:
+    """A TextSource over an in-memory `datasets.Dataset` or `IterableDataset` (one document per record), for
+    `lillm.data.prepare.prepare` from Python:
+
+        prepare(dataset_source(ds.filter(keep)), "data/tok", "data/shards")
+    """
+    import datasets
+
+    if not isinstance(dataset, (datasets.Dataset, datasets.IterableDataset)):
+        raise UserError(f"expected a datasets.Dataset or IterableDataset, got {type(dataset).__name__} (for a "
+                        "DatasetDict, pick a split: dataset['train'])")
+    names = dataset.column_names
+    if names is not None and text_field not in names:
+        raise UserError(f"the dataset has no column {text_field!r} (has {names})")
+    return TextSource(f"<in-memory {type(dataset).__name__}>", text_field=text_field, dataset=dataset)
 
 
 def iter_texts(source: TextSource, limit: int | None = None, every: int = 1) -> Iterator[str]:

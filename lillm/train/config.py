@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from lillm.config import nonfinite_fields
@@ -159,6 +160,34 @@ def resolve_seq_len(train: TrainConfig, max_seq_len: int, limit_name: str) -> in
     return seq_len
 
 
+PACKAGE = Path(__file__).resolve().parents[1]
+SHIPPED = {"ds_config": (PACKAGE / "ds_configs", ".json"), "config": (PACKAGE / "configs", ".yaml")}
+
+
+def shipped_file(value: str, kind: Literal["ds_config", "config"]) -> str:
+    """A path as given, or the name of a config shipped with lillm (`zero2`, `debug`, `sft-debug` ...) as the
+    path of that file, so an installed lillm runs from any directory."""
+    if Path(value).exists() or "/" in value or value.startswith("."):
+        return value
+    folder, suffix = SHIPPED[kind]
+    found = folder / (value if value.endswith(suffix) else value + suffix)
+    if found.is_file():
+        return str(found)
+    names = ", ".join(sorted(f.stem for f in folder.glob("*" + suffix)))
+    raise UserError(f"--{kind} {value}: no such file, and not a config shipped with lillm ({names})")
+
+
+def resolve_shipped(argv: list[str]) -> list[str]:
+    """argv with `--config NAME` made a path (jsonargparse opens the file while parsing)."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            out[i + 1] = shipped_file(out[i + 1], "config")
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + shipped_file(arg.split("=", 1)[1], "config")
+    return out
+
+
 def new_parser(prog: str, description: str, config_help: str):
     """A training script's jsonargparse parser: `--config FILE.yaml`, `--ds_config` and the launcher's
     `--local_rank`; the dataclass sections added later take their `--help` text from the one-line docstrings
@@ -168,16 +197,21 @@ def new_parser(prog: str, description: str, config_help: str):
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     parser = ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", action=ActionConfigFile, help=config_help)
-    parser.add_argument("--ds_config", type=str, default="ds_configs/zero2.json",
-                        help="DeepSpeed JSON; batch, lr and clipping keys may be \"auto\" (filled from --train).")
+    parser.add_argument("--ds_config", type=str, default="auto",
+                        help="DeepSpeed JSON, by path or by the name of a shipped one (zero2, zero2_cpu, zero2_fp16, "
+                             "zero2_offload); 'auto': the deepspeed_config_file of `accelerate launch --config_file` "
+                             "when launched by it, else zero2 with CUDA and zero2_cpu without. Batch, lr and "
+                             "clipping keys may be \"auto\" (filled from --train).")
     parser.add_argument("--local_rank", type=int, default=-1, help="Set by the deepspeed launcher; not for users.")
     return parser
 
 
 def parse(parser, argv: list[str] | None) -> tuple:
     """(namespace, its YAML rendering, instantiated dataclasses); invalid values become a UserError."""
+    import sys
+
     try:
-        ns = parser.parse_args(argv)
+        ns = parser.parse_args(resolve_shipped(sys.argv[1:] if argv is None else argv))
         yaml = parser.dump(ns, skip_none=False)
         return ns, yaml, parser.instantiate_classes(ns)
     except ValueError as e:

@@ -8,12 +8,13 @@ DeepSpeed does not know or an LR scheduler (lillm owns the schedule).
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
 from lillm.errors import UserError
 from lillm.files import read_json
-from lillm.train.config import BatchPlan, TrainConfig
+from lillm.train.config import BatchPlan, TrainConfig, shipped_file
 
 KNOWN_KEYS = {
     "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer", "scheduler",
@@ -40,8 +41,21 @@ ZERO_KEYS = {
 }
 
 
+def resolve_ds_config(value: str) -> str:
+    """The ds_config file to use: a path, the name of a shipped one (`zero2`), or 'auto': the file of
+    `accelerate launch`'s DeepSpeed plugin (its deepspeed_config_file) when launched by it, else zero2 (bf16)
+    with CUDA and zero2_cpu (fp32: bf16 matmuls are slow on most CPUs) without."""
+    if value == "auto":
+        import torch
+
+        value = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or (
+            "zero2" if torch.cuda.is_available() else "zero2_cpu")
+    return shipped_file(value, "ds_config")
+
+
 def load_ds_config(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
+    """A DeepSpeed JSON by path, or by the name of one shipped with lillm (`zero2`)."""
+    p = Path(shipped_file(str(path), "ds_config"))
     cfg = read_json(p, f"ds_config {p}: no such file")
     if not isinstance(cfg, dict):
         raise UserError(f"ds_config {p}: expected a JSON object")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -12,12 +13,18 @@ import torch.distributed as dist
 from torch import nn
 
 from lillm.errors import UserError
+from lillm.train.metrics import get_logger
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def launched_world_size() -> int:
+    """The number of ranks the launcher started (1 for a plain `python`), known before the process group."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def init_distributed() -> tuple[int, int, int]:
@@ -27,8 +34,17 @@ def init_distributed() -> tuple[int, int, int]:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
+    expected = launched_world_size()
     deepspeed.init_distributed()
+    if dist.get_world_size() != expected:
+        raise UserError(f"the process group has {dist.get_world_size()} ranks but WORLD_SIZE says {expected}")
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def start_process() -> tuple[int, int, torch.device, logging.Logger]:
+    """Join the process group: (rank, world size, this rank's device, the rank-aware logger)."""
+    rank, world, local_rank = init_distributed()
+    return rank, world, local_device(local_rank), get_logger(rank)
 
 
 class StopFlag:

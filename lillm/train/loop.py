@@ -265,7 +265,7 @@ class Trainer:
         self.log.info(f"eval @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in vals.items()))
         if self.rank == 0 and self.train.sample_tokens:
             sample = self.objective.sample(self.engine.module)
-            self.writer.text("samples", sample, step)
+            self.writer.text("samples", "```\n" + sample + "\n```", step)  # TensorBoard renders Markdown
             self.log.info(f"sample @ step {step}: {sample!r}")
         return vals["val/loss"]
 

@@ -36,11 +36,10 @@ from lillm.model import LilLM
 from lillm.tokenizer import Tokenizer
 from lillm.train.checkpoint import Checkpoint
 from lillm.train.config import BatchPlan, TrainConfig, new_parser, parse, plan_batches, resolve_seq_len
-from lillm.train.ds_config import fill_ds_config, load_ds_config, precision
-from lillm.train.engine import all_reduce, build_engine, init_distributed, local_device, run_script
+from lillm.train.ds_config import fill_ds_config, load_ds_config, precision, resolve_ds_config
+from lillm.train.engine import all_reduce, build_engine, launched_world_size, run_script, start_process
 from lillm.train.loop import Objective, Trainer, perplexity
 from lillm.train.loss import preference_loss, sequence_logps, token_loss
-from lillm.train.metrics import get_logger
 
 Task = Literal["sft", "dpo"]
 # What DPO metrics are summed from, per micro-batch: pair count, then per-pair sums (averaged over pairs).
@@ -71,7 +70,8 @@ class PostTrainConfig:
     train: TrainConfig
     lora: LoRAConfig
     dpo: DPOConfig | None = None
-    ds_config: str = "ds_configs/zero2.json"
+    ds_config: str = "zero2"
+    """The resolved DeepSpeed JSON path."""
 
 
 def build_parser(objective: Task):
@@ -92,7 +92,7 @@ def build_parser(objective: Task):
 def parse_config(objective: Task, argv: list[str] | None = None) -> tuple[PostTrainConfig, str]:
     ns, yaml, init = parse(build_parser(objective), argv)
     cfg = PostTrainConfig(init_from=ns.init_from, data=init.data, train=init.train, lora=init.lora,
-                          dpo=init.dpo if objective == "dpo" else None, ds_config=ns.ds_config)
+                          dpo=init.dpo if objective == "dpo" else None, ds_config=resolve_ds_config(ns.ds_config))
     return cfg, yaml
 
 
@@ -231,11 +231,10 @@ def build(cfg: PostTrainConfig, config_yaml: str, task: Task) -> Trainer:
     model, tokenizer = load_start(cfg.init_from)
     seq_len = resolve_seq_len(train, model.config.max_seq_len, "the model's max_seq_len")
     data = (load_preferences if pairs else load_sft)(cfg.data, tokenizer, seq_len)
-    # Model and data are checked before the process group exists: bad input fails fast, on every rank alike.
-    rank, world, local_rank = init_distributed()
-    log = get_logger(rank)
-    device = local_device(local_rank)
-    plan = plan_batches(train, seq_len, world)
+    plan = plan_batches(train, seq_len, launched_world_size())
+    ds_cfg = fill_ds_config(load_ds_config(cfg.ds_config), train, plan, cfg.ds_config)
+    # Model, data and ds_config are checked before the process group exists: bad input fails in seconds.
+    rank, world, device, log = start_process()
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     loader = ChatLoader(data.train, plan.micro_batch_size, rank, world, train.seed, seq_len, pad_id,
                         shuffle=cfg.data.shuffle, packing=cfg.data.packing, pairs=pairs)
@@ -245,7 +244,6 @@ def build(cfg: PostTrainConfig, config_yaml: str, task: Task) -> Trainer:
     trainable = apply_lora(model, lora) if lora.enabled else model.num_params()
     reference = copy.deepcopy(model).eval().requires_grad_(False) if pairs and not lora.enabled else None
 
-    ds_cfg = fill_ds_config(load_ds_config(cfg.ds_config), train, plan, cfg.ds_config)
     identity = {"objective": task, "model_config": model.config.to_dict(),
                 "tokenizer_fingerprint": tokenizer.fingerprint, "train_config": dataclasses.asdict(train),
                 "init_from": str(Path(cfg.init_from).resolve()),
@@ -278,5 +276,19 @@ def run(cfg: PostTrainConfig, config_yaml: str, task: Task) -> int:
 
 
 def main(task: Task, argv: list[str] | None = None) -> None:
-    """Entry point of launch/sft.py and launch/dpo.py."""
+    """Entry point of `lillm sft|dpo`, `python -m lillm.train.posttrain sft|dpo`, launch/sft.py and dpo.py."""
     run_script(task, lambda: run(*parse_config(task, argv), task))
+
+
+if __name__ == "__main__":
+    import sys
+
+    # The task is the first word; `deepspeed --module` puts its --local_rank=N before it.
+    args = sys.argv[1:]
+    tasks = [a for a in args if a in ("sft", "dpo")]
+    if not tasks or any(not a.startswith("--local_rank") for a in args[: args.index(tasks[0])]):
+        print("usage: python -m lillm.train.posttrain {sft,dpo} [options]  (--help after the task for options)",
+              file=sys.stderr)
+        sys.exit(2)
+    args.remove(tasks[0])
+    main(tasks[0], args)

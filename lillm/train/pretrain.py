@@ -22,11 +22,10 @@ from lillm.model import LilLM
 from lillm.tokenizer import Tokenizer, load_tokenizer
 from lillm.train.checkpoint import Checkpoint
 from lillm.train.config import BatchPlan, DataConfig, TrainConfig, new_parser, parse, plan_batches, resolve_seq_len
-from lillm.train.ds_config import fill_ds_config, load_ds_config, precision
-from lillm.train.engine import all_reduce, build_engine, init_distributed, local_device, run_script
+from lillm.train.ds_config import fill_ds_config, load_ds_config, precision, resolve_ds_config
+from lillm.train.engine import all_reduce, build_engine, launched_world_size, run_script, start_process
 from lillm.train.loop import Objective, Trainer, perplexity
 from lillm.train.loss import token_loss
-from lillm.train.metrics import get_logger
 
 
 @dataclasses.dataclass
@@ -36,7 +35,8 @@ class RunConfig:
     model: ModelConfig
     data: DataConfig
     train: TrainConfig
-    ds_config: str = "ds_configs/zero2.json"
+    ds_config: str = "zero2"
+    """The resolved DeepSpeed JSON path."""
 
 
 def build_parser():
@@ -51,7 +51,8 @@ def build_parser():
 def parse_config(argv: list[str] | None = None) -> tuple[RunConfig, str]:
     """Parse command line and YAML into a RunConfig; returns it with its YAML rendering."""
     ns, yaml, init = parse(build_parser(), argv)
-    return RunConfig(model=init.model, data=init.data, train=init.train, ds_config=ns.ds_config), yaml
+    ds_config = resolve_ds_config(ns.ds_config)
+    return RunConfig(model=init.model, data=init.data, train=init.train, ds_config=ds_config), yaml
 
 
 class LanguageModeling(Objective):
@@ -103,22 +104,23 @@ class LanguageModeling(Objective):
 def build(cfg: RunConfig, config_yaml: str) -> Trainer:
     """Everything a pretraining run needs, restored from its checkpoint when resuming; `.fit()` trains."""
     train, model_cfg = cfg.train, cfg.model
-    rank, world, local_rank = init_distributed()
-    log = get_logger(rank)
-    device = local_device(local_rank)
-
+    # Every input is checked before the process group exists: a bad path fails in a second, on every rank.
+    raw_ds = load_ds_config(cfg.ds_config)
     tokenizer = load_tokenizer(Path(cfg.data.dir) / "tokenizer")
     shards = ShardSet(cfg.data.dir, "train", check_checksums=cfg.data.verify, tokenizer=tokenizer)
+    val_shards = ShardSet(cfg.data.dir, "val")
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
                         f"{model_cfg.vocab_size}")
-    plan = plan_batches(train, resolve_seq_len(train, model_cfg.max_seq_len, "model.max_seq_len"), world)
+    plan = plan_batches(train, resolve_seq_len(train, model_cfg.max_seq_len, "model.max_seq_len"),
+                        launched_world_size())
+    ds_cfg = fill_ds_config(raw_ds, train, plan, cfg.ds_config)
+    rank, world, device, log = start_process()
     loader = PretrainLoader(shards, plan.seq_len, plan.micro_batch_size, rank, world, seed=train.seed,
                             shuffle=cfg.data.shuffle, num_workers=cfg.data.num_workers,
                             pin_memory=device.type == "cuda")
 
     # The resume target is decided before the engine: a new world size needs the universal format.
-    ds_cfg = fill_ds_config(load_ds_config(cfg.ds_config), train, plan, cfg.ds_config)
     identity = {"objective": "pretrain", "model_config": model_cfg.to_dict(),
                 "tokenizer_fingerprint": tokenizer.fingerprint, "train_config": dataclasses.asdict(train)}
     ckpt = Checkpoint(train.run_dir, identity, config_yaml, train.keep_checkpoints, rank, world)
@@ -128,7 +130,7 @@ def build(cfg: RunConfig, config_yaml: str) -> Trainer:
     model = LilLM(model_cfg)
     model.init_weights()
     engine, optimizer = build_engine(model, train, ds_cfg, cfg.ds_config, device)
-    objective = LanguageModeling(loader, ShardSet(cfg.data.dir, "val"), tokenizer, model_cfg, train, plan, rank, world,
+    objective = LanguageModeling(loader, val_shards, tokenizer, model_cfg, train, plan, rank, world,
                                  device)
     trainer = Trainer(engine, optimizer, objective, ckpt, train, plan, rank, world, device, log, precision(ds_cfg))
     trainer.start(config_yaml, ds_cfg, tokenizer)
@@ -149,5 +151,9 @@ def run(cfg: RunConfig, config_yaml: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of launch/pretrain.py."""
+    """Entry point of `lillm pretrain`, `python -m lillm.train.pretrain` and launch/pretrain.py."""
     run_script("pretrain", lambda: run(*parse_config(argv)))
+
+
+if __name__ == "__main__":
+    main()
