@@ -66,7 +66,7 @@ def test_wheel_ships_the_configs_and_trains_through_deepspeed_module(installed, 
 
 
 def test_entry_points_answer_help_and_refuse_bad_paths_before_distributed_setup(installed, tmp_path):
-    for module in (["lillm.train.pretrain"], ["lillm.train.posttrain", "sft"]):
+    for module in (["lillm.train.pretrain"], ["lillm.train.posttrain", "sft"], ["lillm.cli", "dpo"]):
         r = subprocess.run([str(installed), "-m", *module, "--help"], capture_output=True, text=True, timeout=120,
                            cwd=tmp_path, env=_env())
         assert r.returncode == 0 and "--train.max_bad_steps" in r.stdout and "--ds_config" in r.stdout, r.stderr
