@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the `lillm` console script."""
     import os
 
-    from jsonargparse import CLI
+    from jsonargparse import CLI, ArgumentError
 
     if not os.path.exists("/proc/driver/nvidia/version"):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no NVIDIA driver: spare DeepSpeed's detection warning
@@ -313,7 +313,13 @@ def main(argv: list[str] | None = None) -> None:
             pretrain.main(args[1:])
         posttrain.main(args[0], args[1:])
     try:
-        CLI(COMMANDS, args=argv, prog="lillm", description="lillm: train and use small Llama-3-style models.")
+        CLI(COMMANDS, args=argv, prog="lillm", description="lillm: train and use small Llama-3-style models.",
+            exit_on_error=False)
+    except ArgumentError as e:  # a parse error: one line and where to look, not the whole usage
+        command = next((a for a in args if a in COMMANDS), None)
+        print(f"lillm: error: {' '.join(str(e).split())} (see lillm {command + ' ' if command else ''}--help)",
+              file=sys.stderr)
+        sys.exit(2)
     except UserError as e:
         print(f"lillm: error: {e}", file=sys.stderr)
         sys.exit(2)

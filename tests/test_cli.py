@@ -86,3 +86,11 @@ def test_bad_output_paths_and_options_exit_2_and_change_nothing(tmp_path, tokeni
         lines = r.stderr.strip().splitlines()  # a progress bar may come first
         assert lines[-1].startswith("lillm: error:") and r.stderr.count("error") == 1, (args, r.stderr)
     assert a_file.read_text() == "keep me"
+
+
+def test_parse_errors_are_one_line_with_a_hint():
+    for args, hint in ((["generate"], "see lillm generate --help"),
+                       (["pretrain", "--config", "debug", "--train.lr", "abc"], "see pretrain.py --help"),
+                       (["nosuch"], "see lillm --help")):
+        r = run_cli(*args)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and hint in r.stderr, r.stderr

@@ -193,6 +193,14 @@ def test_sigterm_saves_and_exits_0_then_kill9_and_resume(data, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"at step {saved}" in r.stdout
     assert (run_dir / "checkpoints/latest").read_text() == f"step_{saved + 4:08d}"
+    # The steps that ran after the checkpoint and were replayed show once, in metrics.jsonl and TensorBoard.
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "train/loss" in row] == list(range(1, saved + 5))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, saved + 5))
 
 
 def test_bad_inputs_exit_cleanly(data, full_run, tmp_path):

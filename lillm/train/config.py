@@ -195,7 +195,7 @@ def new_parser(prog: str, description: str, config_help: str):
     from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    parser = ArgumentParser(prog=prog, description=description)
+    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help=config_help)
     parser.add_argument("--ds_config", type=str, default="auto",
                         help="DeepSpeed JSON, by path or by the name of a shipped one (zero2, zero2_cpu, zero2_fp16, "
@@ -210,9 +210,13 @@ def parse(parser, argv: list[str] | None) -> tuple:
     """(namespace, its YAML rendering, instantiated dataclasses); invalid values become a UserError."""
     import sys
 
+    from jsonargparse import ArgumentError
+
     try:
         ns = parser.parse_args(resolve_shipped(sys.argv[1:] if argv is None else argv))
         yaml = parser.dump(ns, skip_none=False)
         return ns, yaml, parser.instantiate_classes(ns)
+    except ArgumentError as e:  # a parse error: one line, not the whole usage
+        raise UserError(" ".join(str(e).split()) + f" (see {parser.prog} --help)") from None
     except ValueError as e:
         raise UserError(str(e)) from None

@@ -135,7 +135,7 @@ class Trainer:
         if self.rank == 0:
             write_run_files(run_dir, config_yaml, ds_cfg, tokenizer)
         self.writer = MetricsWriter(str(run_dir / "tensorboard") if self.rank == 0 and self.train.tensorboard else None,
-                                    run_dir / "metrics.jsonl" if self.rank == 0 else None)
+                                    run_dir / "metrics.jsonl" if self.rank == 0 else None, self.progress.step)
         if self.rank == 0 and self.progress.step == 0:
             self.writer.text("config", "```\n" + config_yaml + "\n```", 0)
             if scalars := self.objective.start_scalars():

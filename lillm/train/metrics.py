@@ -43,12 +43,16 @@ class MetricsWriter:
     """TensorBoard (when given a directory) and a metrics.jsonl mirror (when given a file) on rank 0; a no-op
     everywhere else."""
 
-    def __init__(self, log_dir: str | None, jsonl: str | os.PathLike | None = None) -> None:
+    def __init__(self, log_dir: str | None, jsonl: str | os.PathLike | None = None, resume_step: int = 0) -> None:
+        """resume_step > 0 (a resumed run): what an earlier attempt logged after that step, the steps about to
+        be replayed, is dropped from metrics.jsonl and hidden in TensorBoard, so each step shows once."""
         self.tb, self.jsonl = None, jsonl
+        if jsonl is not None and resume_step and os.path.isfile(jsonl):
+            _truncate_after(jsonl, resume_step)
         if log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir)
+            self.tb = SummaryWriter(log_dir, purge_step=resume_step + 1 if resume_step else None)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         """One row of scalars at `step`: TensorBoard events and a JSON line {"step": ..., **values}."""
@@ -75,6 +79,23 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _truncate_after(path: str | os.PathLike, step: int) -> None:
+    """Keep the rows of a metrics.jsonl up to `step` (and any unreadable tail is dropped), atomically."""
+    from lillm.files import write_atomic
+
+    kept = []
+    with open(path) as fh:
+        for line in fh:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a line cut short by a crash
+            if row.get("step", 0) > step:
+                continue
+            kept.append(line if line.endswith("\n") else line + "\n")
+    write_atomic(path, "".join(kept))
 
 
 def format_duration(seconds: float) -> str:
