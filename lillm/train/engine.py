@@ -48,19 +48,50 @@ def start_process() -> tuple[int, int, torch.device, logging.Logger]:
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGINT; the loop finishes the step, saves and exits 0. `close()` puts the previous
-    handlers back."""
+    """Set by SIGTERM/SIGINT, or when the `deepspeed` command that started this rank has exited (DeepSpeed's
+    launcher dies on SIGTERM without passing it on, which left ranks training unattended); the loop
+    finishes the step, saves and exits 0. `close()` puts the previous handlers back."""
 
     def __init__(self) -> None:
         self.signum = 0
+        self.reason = ""
         self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self._launchers = _launcher_ancestors()
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signum = signum
+        self.reason = f"received signal {signal.Signals(signum).name}"
+
+    def requested(self) -> bool:
+        """Whether to stop after this step (a local check; the loop agrees on it across ranks)."""
+        if not self.signum and self._launchers and not all(_alive(p) for p in self._launchers):
+            self.signum = signal.SIGTERM
+            self.reason = "the deepspeed command that started this run has exited"
+        return self.signum > 0
 
     def close(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def _alive(process: Any) -> bool:
+    """Running, and not a zombie (a dead launcher waits as one until whoever started it collects it)."""
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _launcher_ancestors() -> list[Any]:
+    """This process's ancestors that are DeepSpeed launcher processes (none for a plain `python ...`)."""
+    import psutil
+
+    try:
+        return [p for p in psutil.Process().parents() if any("deepspeed" in part for part in p.cmdline()[:4])]
+    except psutil.Error:
+        return []
 
 
 def local_device(local_rank: int) -> torch.device:

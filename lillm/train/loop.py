@@ -156,7 +156,7 @@ class Trainer:
                 tokens = self.train_step(batches, lr)
                 # One collective per step: every rank must agree to stop at the same step, or the save's
                 # collectives would hang; the token count rides along.
-                signalled, tokens = all_reduce([float(stop.signum > 0), tokens], self.device)
+                signalled, tokens = all_reduce([float(stop.requested()), tokens], self.device)
                 progress.step += 1
                 progress.tokens_seen += int(tokens)
                 self.window.steps += 1
@@ -169,8 +169,8 @@ class Trainer:
                         progress.step % train.eval_interval == 0 or last):
                     last_val = self.evaluate()
                 if signalled:
-                    self.log.info(f"received signal {stop.signum or 'on another rank'}: saving at step "
-                                  f"{progress.step} and exiting")
+                    self.log.info(f"{stop.reason or 'stopping on another rank'}: saving at step {progress.step} "
+                                  "and exiting")
                     self.save()
                     break
                 if progress.step % train.ckpt_interval == 0 or last:
