@@ -23,3 +23,13 @@ if ! .venv/bin/python -c "import lillm, transformers, pytest" 2>/dev/null \
   $PIP install -q -e ".[dev]"
   touch .venv/.lillm-installed
 fi
+# DeepSpeed's CPU communication op, built once into this venv (.venv/torch_extensions, where lillm's CPU
+# ranks look for it): no launch compiles it, and a build interrupted in a shared cache cannot wedge later
+# runs. On GPU machines NCCL is used and there is nothing to build.
+if [ ! -f .venv/torch_extensions/deepspeed_shm_comm/deepspeed_shm_comm.so ] \
+   && ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }; then
+  echo "setup: building DeepSpeed's CPU communication op (once, about 2 minutes)"
+  .venv/bin/python -m lillm.train.engine --build-ops >/dev/null \
+    || echo "setup: warning: the op build failed; the first training launch will try again" >&2
+fi
+
