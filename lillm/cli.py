@@ -258,12 +258,13 @@ def checkpoint(path: str, convert_universal: bool = False) -> None:
     """
     import json
 
-    from lillm.runs import read_meta, resolve_checkpoint
+    from lillm.runs import check_checkpoint, read_meta, resolve_checkpoint
     from lillm.train.checkpoint import convert_to_universal
 
     tag_dir = resolve_checkpoint(path)
     if tag_dir is None:
         raise UserError(f"{path}: no checkpoint found")
+    check_checkpoint(tag_dir)
     meta = read_meta(tag_dir)
     tags = sorted(d.name for d in tag_dir.parent.iterdir() if d.is_dir() and d.name.startswith("step_"))
     print(f"checkpoint {tag_dir}\n  step {meta['step']}, saved by {meta['world_size']} rank(s)")

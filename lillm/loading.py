@@ -14,7 +14,7 @@ from lillm.errors import UserError
 from lillm.hf import import_hf
 from lillm.lora import LoRAConfig, apply_lora, base_fingerprint, load_lora_state_dict, merge_lora
 from lillm.model import LilLM
-from lillm.runs import ADAPTER, is_checkpoint_path, read_meta, resolve_checkpoint, run_dir_of
+from lillm.runs import ADAPTER, check_checkpoint, is_checkpoint_path, read_meta, resolve_checkpoint, run_dir_of
 from lillm.tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,6 +61,7 @@ def load_model_from_checkpoint(path: str | os.PathLike) -> tuple[LilLM, Tokenize
     """
     tag_dir = resolve_checkpoint(path)
     assert tag_dir is not None
+    check_checkpoint(tag_dir)
     meta = read_meta(tag_dir)
     if (meta.get("lora") or {}).get("rank", 0) > 0:
         model = load_lora_checkpoint(tag_dir, meta)

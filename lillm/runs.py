@@ -17,6 +17,7 @@ it imports nothing of lillm's but errors and files.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -48,6 +49,56 @@ def read_meta(tag_dir: Path) -> dict[str, Any]:
         return json.loads(f.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{f}: unreadable ({e})") from None
+
+
+SMALL_FILE = 4 << 20  # files up to this size also get a sha256 in the integrity record
+
+
+def file_record(tag_dir: Path) -> dict[str, dict[str, Any]]:
+    """Every file of a tag but lillm.json: its size, and a sha256 for the small ones (config, RNG states,
+    an adapter); optimizer shards are checked by size, which catches truncation and loss."""
+    out = {}
+    for p in sorted(tag_dir.rglob("*")):
+        if p.is_file() and p.name != META:
+            size = p.stat().st_size
+            entry: dict[str, Any] = {"size": size}
+            if size <= SMALL_FILE:
+                entry["sha256"] = hashlib.sha256(p.read_bytes()).hexdigest()
+            out[p.relative_to(tag_dir).as_posix()] = entry
+    return out
+
+
+def checkpoint_problem(tag_dir: Path) -> str | None:
+    """What is wrong with a tag (None when it is complete and intact), from its lillm.json and the file
+    record in it. Tags written before the record existed are checked for lillm.json only."""
+    try:
+        meta = read_meta(tag_dir)
+    except UserError as e:
+        return str(e)
+    for name, want in (meta.get("files") or {}).items():
+        f = tag_dir / name
+        if not f.is_file():
+            return f"{f}: missing"
+        size = f.stat().st_size
+        if size != want["size"]:
+            return f"{f}: {size} bytes, {want['size']} when saved (truncated or changed)"
+        if "sha256" in want and hashlib.sha256(f.read_bytes()).hexdigest() != want["sha256"]:
+            return f"{f}: contents changed since it was saved (sha256 mismatch)"
+    return None
+
+
+def check_checkpoint(tag_dir: Path) -> None:
+    """Refuse a damaged checkpoint with one line naming what is wrong."""
+    problem = checkpoint_problem(tag_dir)
+    if problem:
+        raise UserError(f"checkpoint {tag_dir} is damaged: {problem}")
+
+
+def intact_tags(run_dir: str | os.PathLike) -> list[Path]:
+    """The run's tags, newest first, that pass `checkpoint_problem`."""
+    d = checkpoints_dir(run_dir)
+    tags = sorted((p for p in d.iterdir() if p.is_dir() and TAG_RE.match(p.name)), reverse=True) if d.is_dir() else []
+    return [t for t in tags if checkpoint_problem(t) is None]
 
 
 def resolve_checkpoint(spec: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> Path | None:

@@ -191,3 +191,27 @@ def test_posttraining_resume_refuses_another_row_length(process_group, chat_base
     with pytest.raises(UserError, match="seq_len was 64 when saved, now 48"):
         posttrainer("sft", chat_base, chat_data["sft"], tmp_path / "sft", "--train.max_steps", "4",
                     "--train.seq_len", "48")
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(process_group, pretrain_shards, tmp_path):
+    from lillm.errors import UserError
+
+    from .conftest import run_cli
+
+    run = tmp_path / "run"
+    args = ("--train.max_steps", "4", "--train.ckpt_interval", "2")
+    assert pretrainer(pretrain_shards, run, *args).fit() == 0
+    meta = json.loads((run / "checkpoints/step_00000004/lillm.json").read_text())
+    assert any(name.endswith("optim_states.pt") for name in meta["files"])  # the integrity record
+    shard = next((run / "checkpoints/step_00000004").glob("*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:-100])  # truncated, as by a full disk or a copy cut short
+
+    resumed = pretrainer(pretrain_shards, run, *args)  # resume auto: the newest intact tag, with a warning
+    assert resumed.progress.step == 2
+    with pytest.raises(UserError, match=r"damaged .*optim_states.pt: \d+ bytes, \d+ when saved"):
+        pretrainer(pretrain_shards, run, *args, "--train.resume", str(run / "checkpoints/step_00000004"))
+    r = run_cli("checkpoint", str(run))  # readers cannot fall back: one line, exit 2
+    assert r.returncode == 2 and "is damaged" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    (run / "checkpoints/step_00000002/lillm.json").write_text("{not json")
+    with pytest.raises(UserError, match="no older one is intact"):
+        pretrainer(pretrain_shards, run, *args)

@@ -28,7 +28,19 @@ import torch.distributed as dist
 from lillm.errors import UserError
 from lillm.files import write_atomic
 from lillm.lora import lora_state_dict
-from lillm.runs import ADAPTER, LATEST, META, TAG_RE, checkpoints_dir, read_meta, resolve_checkpoint, tag_for
+from lillm.runs import (
+    ADAPTER,
+    LATEST,
+    META,
+    TAG_RE,
+    checkpoint_problem,
+    checkpoints_dir,
+    file_record,
+    intact_tags,
+    read_meta,
+    resolve_checkpoint,
+    tag_for,
+)
 
 
 class Stateful(Protocol):
@@ -72,7 +84,8 @@ def convert_to_universal(tag_dir: Path) -> Path:
     if r.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"converting {tag_dir} to the universal format failed:\n{r.stderr[-2000:]}")
-    shutil.copy2(tag_dir / META, tmp / META)
+    meta = {k: v for k, v in read_meta(tag_dir).items() if k != "files"}  # other files than the original's
+    write_atomic(tmp / META, json.dumps(meta, indent=2))
     os.replace(tmp, out)
     return out
 
@@ -133,6 +146,17 @@ class Checkpoint:
         tag_dir = resolve_checkpoint(spec, self.dir.parent)
         if tag_dir is None:
             return None
+        problem = checkpoint_problem(tag_dir)
+        if problem and spec == "auto":
+            intact = intact_tags(self.dir.parent)
+            if not intact:
+                raise UserError(f"cannot resume: the latest checkpoint {tag_dir} is damaged ({problem}) and no "
+                                "older one is intact; start afresh with train.resume=none")
+            log.warning(f"the latest checkpoint {tag_dir.name} is damaged ({problem}): resuming from "
+                        f"{intact[0].name}, the newest intact one")
+            tag_dir = intact[0]
+        elif problem:
+            raise UserError(f"cannot resume {tag_dir}: it is damaged ({problem})")
         meta = read_meta(tag_dir)
         check_compatible(meta, tag_dir, self.identity, self.world_size)
         self.resume_from, self._load_dir, self._saved_world = tag_dir, tag_dir, meta["world_size"]
@@ -201,7 +225,7 @@ class Checkpoint:
             raise UserError(f"saving checkpoint {tag} failed ({error or 'on another rank'}); "
                             f"the previous checkpoint ({latest or 'none'}) is intact")
         if self.rank == 0:
-            meta = {**self.identity, "step": step, "world_size": self.world_size}
+            meta = {**self.identity, "step": step, "world_size": self.world_size, "files": file_record(tag_dir)}
             write_atomic(tag_dir / META, json.dumps(meta, indent=2))
             write_atomic(self.dir / LATEST, tag)
             self._prune(tag)
