@@ -138,6 +138,8 @@ class Tokenizer:
             prefix = processors.TemplateProcessing(single=f"{EOS} $A", pair=f"{EOS} $A {EOS} $B:1",
                                                    special_tokens=[(EOS, self.eos_id)])
             steps = [data["post_processor"]] if data.get("post_processor") else []
+            if steps and steps[0].get("type") == "Sequence":  # an export's own: keep what is under its prefix
+                steps = [p for p in steps[0]["processors"] if p.get("type") != "TemplateProcessing"]
             data["post_processor"] = {"type": "Sequence", "processors": [*steps, json.loads(prefix.__getstate__())]}
         (out / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False, indent=2))
         config = {

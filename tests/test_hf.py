@@ -87,6 +87,9 @@ def test_a_prompt_gets_the_same_ids_and_continuation_in_transformers(tmp_path, t
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
     prompt = "The module provides"
     assert hf_tok(prompt).input_ids == tok.prompt_ids(prompt)
+    again = tmp_path / "again"  # an export of a model whose tokenizer came from an export: one prefix, not two
+    export_hf(model, again, tokenizer_dir=tmp_path)
+    assert transformers.AutoTokenizer.from_pretrained(again)(prompt).input_ids == tok.prompt_ids(prompt)
     assert hf_tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
                                       tokenize=True, return_dict=True)["input_ids"] == tok.encode_chat(
         [{"role": "user", "content": "Hi"}], add_generation_prompt=True)

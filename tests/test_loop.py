@@ -195,6 +195,7 @@ def test_posttraining_resume_refuses_another_row_length(process_group, chat_base
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(process_group, pretrain_shards, tmp_path):
     from lillm.errors import UserError
+    from lillm.runs import checkpoint_problem
 
     from .conftest import run_cli
 
@@ -208,6 +209,9 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(process
 
     resumed = pretrainer(pretrain_shards, run, *args)  # resume auto: the newest intact tag, with a warning
     assert resumed.progress.step == 2
+    assert resumed.fit() == 0  # step 4 is saved again, from scratch: intact, no stale file in it
+    assert checkpoint_problem(run / "checkpoints/step_00000004") is None
+    shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(UserError, match=r"damaged .*optim_states.pt: \d+ bytes, \d+ when saved"):
         pretrainer(pretrain_shards, run, *args, "--train.resume", str(run / "checkpoints/step_00000004"))
     r = run_cli("checkpoint", str(run))  # readers cannot fall back: one line, exit 2

@@ -163,6 +163,8 @@ def preference(rec: Any, where: str) -> tuple[list[dict[str, str]], str, str]:
         prompt = [{"role": "user", "content": p}] if isinstance(p, str) else p
         if prompt is None:
             raise UserError(f"{where}: text 'chosen'/'rejected' need a 'prompt' field")
+        if not isinstance(prompt, list):
+            raise UserError(f"{where}: 'prompt' must be text or a list of messages, got {type(prompt).__name__}")
         prompt = check_messages([*prompt, {"role": "assistant", "content": chosen or " "}], where)[:-1]
         for name, text in (("chosen", chosen), ("rejected", rejected)):
             if not text.strip():

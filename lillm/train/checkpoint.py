@@ -205,6 +205,11 @@ class Checkpoint:
         tag_dir = self.dir / tag
         client_state = {"lillm": {name: state.state_dict() for name, state in self.states.items()},
                         "universal_checkpoint_info": universal_info()}
+        if self.rank == 0 and tag_dir.exists():  # a damaged tag that a fallback resume replays: start afresh
+            shutil.rmtree(tag_dir, ignore_errors=True)
+            shutil.rmtree(tag_dir.with_name(tag_dir.name + "_universal"), ignore_errors=True)
+        if dist.is_initialized():
+            dist.barrier()  # no rank writes into the tag before it is gone
         error = ""
         try:
             self.engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False,

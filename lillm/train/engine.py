@@ -30,6 +30,7 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+_LAUNCHERS: list[Any] | None = None  # DeepSpeed launcher processes above this rank, from start_process()
 STALE_BUILD_LOCK_S = 600  # building DeepSpeed's CPU op takes about 100 s; a lock this old has no builder
 
 
@@ -89,6 +90,8 @@ def init_distributed() -> tuple[int, int, int]:
 
 def start_process() -> tuple[int, int, torch.device, logging.Logger]:
     """Join the process group: (rank, world size, this rank's device, the rank-aware logger)."""
+    global _LAUNCHERS
+    _LAUNCHERS = _launcher_ancestors()  # now, while they are all alive (StopFlag watches them)
     rank, world, local_rank = init_distributed()
     return rank, world, local_device(local_rank), get_logger(rank)
 
@@ -102,7 +105,7 @@ class StopFlag:
         self.signum = 0
         self.reason = ""
         self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-        self._launchers = _launcher_ancestors()
+        self._launchers = _LAUNCHERS if _LAUNCHERS is not None else _launcher_ancestors()
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signum = signum
