@@ -311,8 +311,9 @@ def main(argv: list[str] | None = None) -> None:
         from lillm.train import posttrain, pretrain
 
         if args[0] == "pretrain":
-            pretrain.main(args[1:])
-        posttrain.main(args[0], args[1:])
+            pretrain.main(args[1:])  # both mains exit with the run's status
+        else:
+            posttrain.main(args[0], args[1:])
     try:
         CLI(COMMANDS, args=argv, prog="lillm", description="lillm: train and use small Llama-3-style models.",
             exit_on_error=False)

@@ -94,11 +94,11 @@ def check_checkpoint(tag_dir: Path) -> None:
         raise UserError(f"checkpoint {tag_dir} is damaged: {problem}")
 
 
-def intact_tags(run_dir: str | os.PathLike) -> list[Path]:
-    """The run's tags, newest first, that pass `checkpoint_problem`."""
+def newest_intact_tag(run_dir: str | os.PathLike) -> Path | None:
+    """The run's newest tag that passes `checkpoint_problem` (older ones are not read)."""
     d = checkpoints_dir(run_dir)
     tags = sorted((p for p in d.iterdir() if p.is_dir() and TAG_RE.match(p.name)), reverse=True) if d.is_dir() else []
-    return [t for t in tags if checkpoint_problem(t) is None]
+    return next((t for t in tags if checkpoint_problem(t) is None), None)
 
 
 def resolve_checkpoint(spec: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> Path | None:

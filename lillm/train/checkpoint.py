@@ -36,7 +36,7 @@ from lillm.runs import (
     checkpoint_problem,
     checkpoints_dir,
     file_record,
-    intact_tags,
+    newest_intact_tag,
     read_meta,
     resolve_checkpoint,
     tag_for,
@@ -148,13 +148,13 @@ class Checkpoint:
             return None
         problem = checkpoint_problem(tag_dir)
         if problem and spec == "auto":
-            intact = intact_tags(self.dir.parent)
-            if not intact:
+            intact = newest_intact_tag(self.dir.parent)
+            if intact is None:
                 raise UserError(f"cannot resume: the latest checkpoint {tag_dir} is damaged ({problem}) and no "
                                 "older one is intact; start afresh with train.resume=none")
             log.warning(f"the latest checkpoint {tag_dir.name} is damaged ({problem}): resuming from "
-                        f"{intact[0].name}, the newest intact one")
-            tag_dir = intact[0]
+                        f"{intact.name}, the newest intact one")
+            tag_dir = intact
         elif problem:
             raise UserError(f"cannot resume {tag_dir}: it is damaged ({problem})")
         meta = read_meta(tag_dir)
