@@ -389,3 +389,26 @@ def test_interrupted_prepare_leaves_no_manifest_and_reruns_cleanly(tokenizer_dir
     assert r.returncode == 2 and "--overwrite" in r.stderr
     assert verify(out) == m  # nothing lost
 
+
+
+def test_huge_documents_are_encoded_in_pieces_to_the_same_ids(corpus, tokenizer_dir, tmp_path, monkeypatch):
+    from lillm.data import prepare as prep
+
+    _, docs = corpus
+    tok = load_tokenizer(tokenizer_dir)
+    text = "\n\n".join(docs[:60]) + "  x  \t y  end"  # paragraphs, doubled spaces, a tab
+    for limit in (500, 2000, 7777):
+        pieces = prep._pieces(text, limit)
+        assert "".join(pieces) == text and max(map(len, pieces)) <= limit and len(pieces) > 1
+        assert [i for p in pieces for i in tok.encode(p)] == tok.encode(text), limit
+    spaceless = "z" * 3000 + " end"  # no place to cut between tokens: cut at the limit, nothing lost
+    assert [len(p) for p in prep._pieces(spaceless, 1000)] == [1000, 1000, 1000, 4]
+    # Through prepare: one huge single-line document gives the shards it gives in one piece.
+    (tmp_path / "one.txt").write_text(text.replace("\n", " "))
+    manifests = []
+    for limit in (1 << 30, 1000):
+        monkeypatch.setattr(prep, "PIECE_CHARS", limit)
+        manifests.append(prepare(open_source(str(tmp_path / "one.txt")), tokenizer_dir, tmp_path / str(limit),
+                                 shard_tokens=4096, val_fraction=0, progress=False))
+    assert [s["sha256"] for s in manifests[0]["splits"]["train"]["shards"]] == \
+        [s["sha256"] for s in manifests[1]["splits"]["train"]["shards"]]

@@ -19,6 +19,7 @@ import hashlib
 import multiprocessing as mp
 import os
 import re
+import shutil
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -55,12 +56,45 @@ def _init_worker(tokenizer_json: str, threads: bool = False) -> None:
     _WORKER_TOK = Tokenizer(HFTokenizer.from_str(tokenizer_json))
 
 
+PIECE_CHARS = 1 << 20
+"""Documents longer than this are encoded in pieces: the Rust tokenizer needs about 100 bytes of memory per
+character of one text, so a 50 MB single-line document would take over 5 GB in one call."""
+
+
+def _pieces(text: str, limit: int = PIECE_CHARS) -> list[str]:
+    """Cut a long text before a space that has non-space on both sides, within `limit` characters a piece.
+
+    Such a space starts a pre-token in GPT-2 and Llama-3 style byte-level pre-tokenizers (" word"), and no
+    pre-token spans it, so the pieces encode to exactly the ids of the whole. A stretch of `limit // 2`
+    characters without such a space (rare outside binary junk) is cut where the piece ends.
+    """
+    out, start = [], 0
+    while len(text) - start > limit:
+        end = start + limit
+        cut = text.rfind(" ", start + limit // 2, end)
+        while cut > 0 and (text[cut - 1].isspace() or text[cut + 1].isspace()):
+            cut = text.rfind(" ", start + limit // 2, cut)
+        end = cut if cut > 0 else end
+        out.append(text[start:end])
+        start = end
+    out.append(text[start:])
+    return out
+
+
 def _encode(texts: list[str], val_fraction: float, dtype: str) -> tuple[list[np.ndarray], np.ndarray, int]:
     """Encode a batch; returns per-document token arrays (end-of-text appended), val flags, text bytes."""
     tok = _WORKER_TOK
     assert tok is not None
-    ids = tok.encode_batch(texts)
-    arrays = [np.array([*doc, tok.eos_id], dtype=dtype) for doc in ids]
+    eos = np.array([tok.eos_id], dtype=dtype)
+    if max(map(len, texts), default=0) <= PIECE_CHARS:
+        arrays = [np.array([*doc, tok.eos_id], dtype=dtype) for doc in tok.encode_batch(texts)]
+    else:  # a huge document in the batch: every document on its own, 8 pieces at a time (as a batch's 8 MB)
+        arrays = []
+        for text in texts:
+            pieces = _pieces(text)
+            parts = [np.array(ids, dtype=dtype) for i in range(0, len(pieces), 8)
+                     for ids in tok.encode_batch(pieces[i : i + 8])]
+            arrays.append(np.concatenate([*parts, eos]))
     flags = np.array([in_validation(t, val_fraction) for t in texts], dtype=bool)
     return arrays, flags, sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
 
@@ -129,9 +163,41 @@ def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
     """The manifest of a prepared directory, checked for format."""
     path = Path(data_dir) / MANIFEST
     manifest = read_json(path, f"{data_dir}: no {MANIFEST}; run `lillm prepare` first (or the run was interrupted)")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise UserError(f"{path}: format_version {version!r}, expected {FORMAT_VERSION}")
+    if problem := _manifest_problem(manifest):
+        raise UserError(f"{path}: {problem}; the manifest is damaged (rerun `lillm prepare` with --overwrite)")
     return manifest
+
+
+def _manifest_problem(m: dict[str, Any]) -> str | None:
+    """What is wrong with a manifest's fields that readers rely on, or None."""
+
+    def count(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    tok = m.get("tokenizer")
+    if not isinstance(tok, dict) or not isinstance(tok.get("fingerprint"), str) or not count(tok.get("vocab_size")):
+        return "'tokenizer' needs a 'fingerprint' string and a 'vocab_size' count"
+    if m.get("dtype") not in ("uint16", "uint32"):
+        return f"'dtype' is {m.get('dtype')!r}, expected 'uint16' or 'uint32'"
+    if m["dtype"] != token_dtype(tok["vocab_size"]).name:
+        return f"'dtype' {m['dtype']} cannot hold the ids of a {tok['vocab_size']:,}-token vocabulary"
+    splits = m.get("splits")
+    if not isinstance(splits, dict) or "train" not in splits or not set(splits) <= {"train", "val"}:
+        return "'splits' must hold 'train' (and may hold 'val')"
+    for name, split in splits.items():
+        shards = split.get("shards") if isinstance(split, dict) else None
+        if not isinstance(shards, list):
+            return f"split {name!r} has no 'shards' list"
+        for i, s in enumerate(shards):
+            file = s.get("file") if isinstance(s, dict) else None
+            if not isinstance(file, str) or not SHARD_RE.match(file) or file.endswith(".tmp"):
+                return f"shard {i} of split {name!r} names {file!r}, not a shard file of this directory"
+            if not count(s.get("tokens")) or not count(s.get("documents")) or not isinstance(s.get("sha256"), str):
+                return f"shard {file} needs 'tokens' and 'documents' counts and a 'sha256' string"
+    return None
 
 
 def _clean_leftovers(out_dir: Path, keep: set[str]) -> int:
@@ -168,6 +234,7 @@ def prepare(
     tok = load_tokenizer(tokenizer_dir)
     dtype = token_dtype(tok.vocab_size)
     out = Path(out_dir)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     settings = {
         "source": source.describe(),
@@ -177,9 +244,15 @@ def prepare(
     }
     keep: set[str] = set()
     if (out / MANIFEST).is_file():
-        old = read_manifest(out)
+        try:
+            old = read_manifest(out)
+        except UserError:
+            if not overwrite:
+                raise
+            old = {"settings": None, "splits": {}}  # a damaged manifest names nothing worth keeping
         if old.get("settings") == settings and not overwrite:
-            print(f"{out}: already prepared with these settings ({old['splits']['train']['tokens']:,} train tokens)")
+            train_tokens = sum(s["tokens"] for s in old["splits"]["train"]["shards"])
+            print(f"{out}: already prepared with these settings ({train_tokens:,} train tokens)")
             return old
         if not overwrite:
             raise UserError(f"{out} already holds shards made with other settings; pass --overwrite to replace them")
@@ -192,11 +265,13 @@ def prepare(
     writers = {s: ShardWriter(out, s, run_id, shard_tokens, dtype, tok.eos_id) for s in ("train", "val")}
     workers = num_workers
     tok_json = tok.tok.to_str()
-    bar = tqdm(total=None, unit="B", unit_scale=True, desc="prepare", disable=not progress, smoothing=0.1)
+    bar = None  # opened with the first batch: a source that holds nothing prints only its error
     start, n_bytes, n_tokens = time.time(), 0, 0
 
     def consume(result: tuple[list[np.ndarray], np.ndarray, int]) -> None:
-        nonlocal n_bytes, n_tokens
+        nonlocal n_bytes, n_tokens, bar
+        if bar is None:
+            bar = tqdm(total=None, unit="B", unit_scale=True, desc="prepare", disable=not progress, smoothing=0.1)
         arrays, flags, size = result
         for arr, val in zip(arrays, flags):
             writers["val" if val else "train"].add(arr)
@@ -228,12 +303,18 @@ def prepare(
         for w in writers.values():
             w.flush()
     except BaseException:
-        bar.close()
+        if bar is not None:
+            bar.close()
         _clean_leftovers(out, keep)  # what this run wrote is unreferenced; the old manifest stays valid
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
         raise
-    bar.close()
+    if bar is not None:
+        bar.close()
     if writers["train"].summary()["documents"] == 0 and writers["val"].summary()["documents"] == 0:
         _clean_leftovers(out, keep)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
         raise UserError(f"source {source.spec!r} holds no documents")
     tok.save(out / "tokenizer")
     manifest = {
