@@ -21,6 +21,7 @@ def generate(
     device: str = "auto",
     dtype: Literal["float32", "bfloat16", "float16"] = "float32",
     stream: bool = True,
+    force_tokenizer: bool = False,
 ) -> None:
     """Generate text continuing one or more prompts.
 
@@ -36,13 +37,14 @@ def generate(
         device: 'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'.
         dtype: Compute dtype of the weights and the KV cache.
         stream: Print tokens as they come (single prompt only; batches print at the end).
+        force_tokenizer: Use --tokenizer even when it is not the tokenizer the model was trained with.
     """
     from lillm.chat import text_deltas
     from lillm.generate import SamplingConfig, stream_generate
 
     prompt = [prompt] if isinstance(prompt, str) else prompt
     sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed)
-    net, tok = _load_for_inference(model, tokenizer, device, dtype)
+    net, tok = _load_for_inference(model, tokenizer, device, dtype, force_tokenizer)
     ids = [tok.prompt_ids(p) for p in prompt]
     stop = [i for i in (tok.eos_id, tok.eot_id) if i is not None]
     steps = stream_generate(net, ids, sampling, stop_ids=stop, pad_id=tok.pad_id or 0)
@@ -61,11 +63,20 @@ def generate(
         print(f"--- {p!r}\n{p}{tok.decode(out)}")
 
 
-def _load_for_inference(model: str, tokenizer: str | None, device: str, dtype: str):
-    from lillm.loading import DTYPES, load_model, resolve_device
+def _load_for_inference(model: str, tokenizer: str | None, device: str, dtype: str, force_tokenizer: bool):
+    from lillm.loading import DTYPES, load_model, resolve_device, stored_tokenizer, trained_tokenizer_fingerprint
     from lillm.tokenizer import load_tokenizer
 
     dev = resolve_device(device)
+    if tokenizer is not None and not force_tokenizer:  # checked before the weights are read
+        given, own = load_tokenizer(tokenizer), stored_tokenizer(model)
+        if own is not None:
+            same = given.encoding_fingerprint == own.encoding_fingerprint
+        else:  # a run without its tokenizer directory: its checkpoint still names the fingerprint
+            same = trained_tokenizer_fingerprint(model) in (None, given.fingerprint)
+        if not same:
+            raise UserError(f"{tokenizer}: not the tokenizer {model} was trained with (its token ids would "
+                            "mean other text); pass --force_tokenizer true to use it anyway")
     net, tok = load_model(model)
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer)
@@ -87,6 +98,7 @@ def chat(
     seed: int = 0,
     device: str = "auto",
     dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    force_tokenizer: bool = False,
 ) -> None:
     """Chat with a fine-tuned model in the terminal (type /help for commands, Ctrl-D to leave).
 
@@ -101,12 +113,13 @@ def chat(
         seed: Seed of the sampler (turn n uses seed + n).
         device: 'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'.
         dtype: Compute dtype of the weights and the KV cache.
+        force_tokenizer: Use --tokenizer even when it is not the tokenizer the model was trained with.
     """
     from lillm.chat import ChatSession, run_chat
     from lillm.generate import SamplingConfig
 
     sampling = SamplingConfig(max_new_tokens, temperature, top_k, top_p, seed)
-    net, tok = _load_for_inference(model, tokenizer, device, dtype)
+    net, tok = _load_for_inference(model, tokenizer, device, dtype, force_tokenizer)
     if not tok.has_chat_tokens:
         raise UserError(f"{model}: the tokenizer lacks the chat tokens; this is not a chat model")
     print(f"lillm chat with {model} ({net.num_params():,} parameters). /help for commands, Ctrl-D to leave.",
@@ -215,8 +228,11 @@ def shards(data: str, verify: bool = False) -> None:
 
     m = check(data, checksums=verify)
     for name, split in m["splits"].items():
-        print(f"{name}: {len(split['shards'])} shard(s), {split['tokens']:,} tokens, {split['documents']:,} documents")
-    print(f"dtype {m['dtype']}, vocab {m['tokenizer']['vocab_size']}, source {m['source']['spec']}")
+        tokens = sum(s["tokens"] for s in split["shards"])
+        docs = sum(s["documents"] for s in split["shards"])
+        print(f"{name}: {len(split['shards'])} shard(s), {tokens:,} tokens, {docs:,} documents")
+    source = m.get("source") if isinstance(m.get("source"), dict) else {}
+    print(f"dtype {m['dtype']}, vocab {m['tokenizer']['vocab_size']}, source {source.get('spec', 'unknown')}")
     if verify:
         print("all shards verified")
 
@@ -239,6 +255,8 @@ def export(
     from lillm.loading import DTYPES, load_model_from_checkpoint
     from lillm.runs import resolve_checkpoint
 
+    if Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"{out}: File exists (and is not a directory)")
     tag_dir = resolve_checkpoint(checkpoint)
     if tag_dir is None:
         raise UserError(f"{checkpoint}: no checkpoint found")

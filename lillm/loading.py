@@ -42,15 +42,31 @@ def load_model(path: str | os.PathLike) -> tuple[LilLM, Tokenizer | None]:
     if not p.exists():
         raise UserError(f"{p}: no such file or directory")
     if (p / "config.json").is_file():
-        model = import_hf(p)
-        tokenizer = load_tokenizer(p) if (p / "tokenizer.json").is_file() else None
-        return model, tokenizer
+        return import_hf(p), stored_tokenizer(p)
     if is_checkpoint_path(p):
         return load_model_from_checkpoint(p)
     raise UserError(
         f"{p}: not a model directory (expected an exported directory with config.json, "
         "a training run directory, or a checkpoint directory)"
     )
+
+
+def trained_tokenizer_fingerprint(path: str | os.PathLike) -> str | None:
+    """The fingerprint of the tokenizer a training run or checkpoint was trained with (None for exports)."""
+    p = Path(path)
+    return read_meta(resolve_checkpoint(p))["tokenizer_fingerprint"] if is_checkpoint_path(p) else None
+
+
+def stored_tokenizer(path: str | os.PathLike) -> Tokenizer | None:
+    """The tokenizer kept with a model (an export's own, or its training run's), without loading weights."""
+    p = Path(path)
+    if (p / "config.json").is_file():
+        where = p
+    elif is_checkpoint_path(p):
+        where = run_dir_of(resolve_checkpoint(p)) / "tokenizer"
+    else:
+        return None
+    return load_tokenizer(where) if (where / "tokenizer.json").is_file() else None
 
 
 def load_model_from_checkpoint(path: str | os.PathLike) -> tuple[LilLM, Tokenizer | None]:
@@ -71,9 +87,7 @@ def load_model_from_checkpoint(path: str | os.PathLike) -> tuple[LilLM, Tokenize
         if model.config.tie_embeddings:
             state.setdefault("output.weight", state["tok_embeddings.weight"])
         model.load_state_dict(state)
-    tok_dir = run_dir_of(tag_dir) / "tokenizer"
-    tokenizer = load_tokenizer(tok_dir) if (tok_dir / "tokenizer.json").is_file() else None
-    return model.eval(), tokenizer
+    return model.eval(), stored_tokenizer(tag_dir)
 
 
 def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:

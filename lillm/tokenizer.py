@@ -68,6 +68,14 @@ class Tokenizer:
         """sha256 of the serialized tokenizer: equal fingerprints encode identically."""
         return hashlib.sha256(self.tok.to_str().encode()).hexdigest()
 
+    @property
+    def encoding_fingerprint(self) -> str:
+        """sha256 of everything but the post-processor (which only adds special tokens lillm never asks for):
+        a run's tokenizer and its export's (which prepends <|end_of_text|>) share it."""
+        data = json.loads(self.tok.to_str())
+        data.pop("post_processor", None)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 

@@ -258,7 +258,36 @@ class Checkpoint:
 
 def write_run_files(run_dir: Path, config_yaml: str, ds_cfg: dict[str, Any], tokenizer: Any) -> None:
     """The resolved configuration, the filled ds_config and the tokenizer, next to the checkpoints (rank 0)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config_yaml)
-    (run_dir / "ds_config.json").write_text(json.dumps(ds_cfg, indent=2) + "\n")
-    tokenizer.save(run_dir / "tokenizer")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_dir / "config.yaml", config_yaml)
+        write_atomic(run_dir / "ds_config.json", json.dumps(ds_cfg, indent=2) + "\n")
+        tokenizer.save(run_dir / "tokenizer")
+    except OSError as e:
+        raise UserError(f"{e.filename or run_dir}: cannot write the run directory ({e.strerror or e})") from None
+
+
+def checkpoint_bytes(model: torch.nn.Module) -> int:
+    """About how much one checkpoint takes: fp32 master weights and two Adam moments (12 bytes) per trainable
+    parameter, plus the module's weights at their own precision."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return 12 * trainable + weights
+
+
+def check_free_space(run_dir: Path, needed: int, keep: int, log: Any) -> None:
+    """Refuse to start a run whose first checkpoint cannot fit on the run directory's disk (better now than
+    after hours of training); warn when `keep` checkpoints plus the one being written will not."""
+    where = run_dir
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return  # nothing to measure on (a permission, an odd mount): the save reports its own failure
+    if free < needed:
+        raise UserError(f"{run_dir}: {free / 2**20:,.1f} MiB free on its disk, but a checkpoint of this model "
+                        f"needs about {needed / 2**20:,.1f} MiB; free some space or choose another --train.run_dir")
+    if free < (keep + 1) * needed:
+        log.warning(f"{run_dir}: {free / 2**20:,.1f} MiB free holds fewer than train.keep_checkpoints + 1 = "
+                    f"{keep + 1} checkpoints of about {needed / 2**20:,.1f} MiB")

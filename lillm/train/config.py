@@ -111,6 +111,11 @@ class TrainConfig:
             problems.append(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
         if self.grad_clip < 0 or self.weight_decay < 0:
             problems.append("grad_clip and weight_decay must be >= 0")
+        existing = Path(self.run_dir)
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            problems.append(f"run_dir {self.run_dir}: {existing} is a file, not a directory")
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
 

@@ -221,6 +221,11 @@ def run_script(name: str, body) -> None:
     except UserError as e:
         print(f"{name}: error: {e}", file=sys.stderr, flush=True)
         code = 2
+    except OSError as e:  # a full disk or a permission outside the checked paths: the path, no traceback
+        if e.filename is None:
+            raise
+        print(f"{name}: error: {e.filename}: {e.strerror or e}", file=sys.stderr, flush=True)
+        code = 2
     if dist.is_initialized():
         dist.destroy_process_group()
     sys.exit(code)

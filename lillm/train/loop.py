@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from lillm.errors import UserError
-from lillm.train.checkpoint import Checkpoint, write_run_files
+from lillm.train.checkpoint import Checkpoint, check_free_space, checkpoint_bytes, write_run_files
 from lillm.train.config import BatchPlan, TrainConfig
 from lillm.train.engine import StopFlag, all_reduce
 from lillm.train.metrics import MetricsWriter, detect_peak_tflops, format_duration
@@ -132,6 +132,7 @@ class Trainer:
             self.log.info(f"resumed from {self.checkpoint.resume_from} at step {self.progress.step} "
                           f"({self.progress.tokens_seen:,} tokens)")
         run_dir = Path(self.train.run_dir)
+        check_free_space(run_dir, checkpoint_bytes(self.engine.module), self.train.keep_checkpoints, self.log)
         if self.rank == 0:
             write_run_files(run_dir, config_yaml, ds_cfg, tokenizer)
         self.writer = MetricsWriter(str(run_dir / "tensorboard") if self.rank == 0 and self.train.tensorboard else None,

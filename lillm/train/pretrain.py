@@ -16,6 +16,7 @@ import torch
 
 from lillm.config import ModelConfig
 from lillm.data.loader import PretrainLoader, ShardSet, validation_windows
+from lillm.data.prepare import read_manifest
 from lillm.errors import UserError
 from lillm.generate import SamplingConfig, generate
 from lillm.model import LilLM
@@ -106,6 +107,7 @@ def build(cfg: RunConfig, config_yaml: str) -> Trainer:
     train, model_cfg = cfg.train, cfg.model
     # Every input is checked before the process group exists: a bad path fails in a second, on every rank.
     raw_ds = load_ds_config(cfg.ds_config)
+    read_manifest(cfg.data.dir)  # a directory that is not prepared data says so before its tokenizer is missed
     tokenizer = load_tokenizer(Path(cfg.data.dir) / "tokenizer")
     shards = ShardSet(cfg.data.dir, "train", check_checksums=cfg.data.verify, tokenizer=tokenizer)
     val_shards = ShardSet(cfg.data.dir, "val")

@@ -1,0 +1,277 @@
+"""The bad-input campaign, kept: every command handed hostile input, table-driven.
+
+Each row runs one `lillm` command line in-process (the console script's own `main`, which is also what
+`lillm pretrain|sft|dpo` dispatch to) against a workspace of real outputs: a tokenizer, shards, a training
+run with a checkpoint, its export, and damaged copies of them. Every row must give exit code 2, exactly one
+line on stderr naming the problem, no traceback, within a time bound, and leave every file in the
+workspace as it was (nothing written, nothing lost). The counts are printed (pytest -s) for the record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lillm import cli
+from lillm.tokenizer import train_tokenizer
+
+from .conftest import ENV, QA
+
+HANG_S = 120
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, process_group, tokenizer_dir, pretrain_shards, chat_base, small_texts) -> Path:
+    """The workspace: good outputs and damaged copies, built once."""
+    from lillm.train import pretrain
+
+    root = tmp_path_factory.mktemp("campaign")
+    shutil.copytree(tokenizer_dir, root / "tok")
+    shutil.copytree(pretrain_shards, root / "shards")
+    shutil.copytree(chat_base, root / "chatbase")
+    cfg, yaml = pretrain.parse_config([
+        "--config", "debug", "--ds_config", "zero2_cpu", "--model.vocab_size", "1024", "--train.seq_len", "32",
+        "--train.micro_batch_size", "2", "--train.grad_accum", "1", "--train.max_steps", "2",
+        "--train.warmup_steps", "1", "--train.ckpt_interval", "2", "--train.eval_interval", "0",
+        "--train.sample_tokens", "0", "--train.tensorboard", "false", "--data.num_workers", "0",
+        "--data.dir", str(root / "shards"), "--train.run_dir", str(root / "run")])
+    assert pretrain.build(cfg, yaml).fit() == 0
+    assert cli_exit(["export", str(root / "run"), str(root / "export")]) == 0
+    (root / "a_file").write_text("keep me\n")
+    (root / "empty.txt").write_text("")
+    train_tokenizer([t.upper() for t in small_texts], vocab_size=1024, progress=False).save(root / "other_tok")
+
+    def damaged_run(name, damage):
+        shutil.copytree(root / "run", root / name)
+        damage(next((root / name / "checkpoints").glob("step_*")))
+
+    damaged_run("run_bad_meta", lambda tag: (tag / "lillm.json").write_text("{"))
+    damaged_run("run_truncated", lambda tag: _truncate(next(tag.glob("*optim_states.pt"))))
+    damaged_run("run_no_model", lambda tag: next(tag.glob("*model_states.pt")).unlink())
+    for name, forge in (("shards_bad_dtype", lambda m: m.update(dtype="float64")),
+                        ("shards_no_dtype", lambda m: m.pop("dtype")),
+                        ("shards_uint8", lambda m: m.update(dtype="uint8")),
+                        ("shards_escape", lambda m: m["splits"]["train"]["shards"][0].update(file="../a_file")),
+                        ("shards_no_splits", lambda m: m.pop("splits"))):
+        shutil.copytree(root / "shards", root / name)
+        manifest = json.loads((root / name / "manifest.json").read_text())
+        forge(manifest)
+        (root / name / "manifest.json").write_text(json.dumps(manifest))
+    (root / "sft_bad.jsonl").write_text(json.dumps({"prompt": "hi"}) + "\n")
+    (root / "sft.jsonl").write_text("".join(json.dumps({"prompt": q, "response": a}) + "\n" for q, a in QA))
+    (root / "dpo.jsonl").write_text("".join(json.dumps({"prompt": q, "chosen": a, "rejected": "no"}) + "\n"
+                                            for q, a in QA))
+    return root
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def cli_exit(argv: list[str]) -> int:
+    try:
+        cli.main(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    return 0
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every path under root: a file's sha256, or 'dir'."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        out[str(p.relative_to(root))] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def rows(w: Path) -> list[tuple[list[str], str]]:
+    """(argv with {w} for the workspace, a fragment the error line must hold)."""
+    tr = ["--config", "debug", "--ds_config", "zero2_cpu", "--data.dir", f"{w}/shards", "--train.run_dir", f"{w}/r1",
+          "--model.vocab_size", "1024"]
+    post = ["--init_from", f"{w}/chatbase", "--ds_config", "zero2_cpu", "--train.run_dir", f"{w}/r2"]
+    sft = ["sft", "--config", "sft-debug", *post]
+    dpo = ["dpo", "--config", "dpo-debug", *post]
+    return [
+        # generate
+        (["generate", f"{w}/nope", "x"], "no such file"),
+        (["generate", f"{w}/export", "x", "--temperature", ".nan"], "finite"),
+        (["generate", f"{w}/export", "x", "--top_p", "2"], "top_p"),
+        (["generate", f"{w}/export", "x", "--top_k", "-1"], "top_k"),
+        (["generate", f"{w}/export", "x", "--max_new_tokens", "-5"], "max_new_tokens"),
+        (["generate", f"{w}/export", "x", "--tokenizer", f"{w}/other_tok"], "--force_tokenizer"),
+        (["generate", f"{w}/run", "x", "--tokenizer", f"{w}/other_tok"], "--force_tokenizer"),
+        (["generate", f"{w}/export", "x", "--tokenizer", f"{w}/a_file"], "not a valid tokenizer"),
+        (["generate", f"{w}/export", "x", "--device", "cuda:0"], "CUDA"),
+        (["generate", f"{w}/export", "x", "--dtype", "float8"], "see lillm generate --help"),
+        (["generate", f"{w}/shards", "x"], "not a model directory"),
+        (["generate", f"{w}/run_bad_meta", "x"], "lillm.json"),
+        (["generate", f"{w}/run_truncated", "x"], "optim_states"),
+        (["generate", f"{w}/run_no_model", "x"], "model_states"),
+        (["generate", f"{w}/export", "x" * 5000], "prompt"),
+        (["generate", f"{w}/export"], "see lillm generate --help"),
+        # chat
+        (["chat", f"{w}/chatbase", "--temperature", ".inf"], "finite"),
+        (["chat", f"{w}/chatbase", "--tokenizer", f"{w}/other_tok"], "--force_tokenizer"),
+        (["chat", f"{w}/a_file"], "not a model directory"),
+        # train-tokenizer
+        (["train-tokenizer", "pydoc", f"{w}/a_file", "--vocab_size", "300"], "File exists"),
+        (["train-tokenizer", "pydoc", f"{w}/t1", "--min_frequency", "-3"], "min_frequency"),
+        (["train-tokenizer", "pydoc", f"{w}/t2", "--vocab_size", "10"], "vocab_size"),
+        (["train-tokenizer", f"{w}/nope.txt", f"{w}/t3"], "no such file"),
+        (["train-tokenizer", f"{w}/empty.txt", f"{w}/t4"], "no documents"),
+        (["train-tokenizer", "pydoc", f"{w}/t5", "--sample_every", "0"], "sample_every"),
+        # prepare
+        (["prepare", "pydoc", f"{w}/tok", f"{w}/a_file"], "File exists"),
+        (["prepare", "pydoc", f"{w}/nope", f"{w}/p1"], "no tokenizer.json"),
+        (["prepare", "pydoc", f"{w}/tok", f"{w}/p2", "--num_workers", "-4"], "num_workers"),
+        (["prepare", "pydoc", f"{w}/tok", f"{w}/p3", "--val_fraction", "1.5"], "val_fraction"),
+        (["prepare", "pydoc", f"{w}/tok", f"{w}/p4", "--val_fraction", ".nan"], "val_fraction"),
+        (["prepare", "pydoc", f"{w}/tok", f"{w}/p5", "--shard_tokens", "10"], "shard_tokens"),
+        (["prepare", f"{w}/empty.txt", f"{w}/tok", f"{w}/p6"], "no documents"),
+        (["prepare", "pydoc", f"{w}/tok", f"{w}/shards"], "--overwrite"),
+        (["prepare", "pydoc", f"{w}/tok", f"{w}/shards_bad_dtype"], "dtype"),
+        # shards
+        (["shards", f"{w}/shards_bad_dtype"], "'dtype' is 'float64'"),
+        (["shards", f"{w}/shards_no_dtype"], "'dtype' is None"),
+        (["shards", f"{w}/shards_uint8"], "'dtype' is 'uint8'"),
+        (["shards", f"{w}/shards_escape"], "'../a_file'"),
+        (["shards", f"{w}/shards_no_splits"], "'splits'"),
+        (["shards", f"{w}/nope"], "manifest.json"),
+        (["shards", f"{w}/a_file"], "manifest.json"),
+        # export
+        (["export", f"{w}/run", f"{w}/a_file"], "File exists"),
+        (["export", f"{w}/run_truncated", f"{w}/e1"], "optim_states"),
+        (["export", f"{w}/run_bad_meta", f"{w}/e2"], "lillm.json"),
+        (["export", f"{w}/shards", f"{w}/e3"], "not a"),
+        (["export", f"{w}/run", f"{w}/e4", "--dtype", "int8"], "see lillm export --help"),
+        # checkpoint
+        (["checkpoint", f"{w}/run_bad_meta"], "lillm.json"),
+        (["checkpoint", f"{w}/run_no_model"], "model_states"),
+        (["checkpoint", f"{w}/nope"], "not found"),
+        # pretrain (each refused before any process group or run directory exists)
+        (["pretrain", *tr, "--train.lr", ".nan"], "lr"),
+        (["pretrain", *tr, "--train.grad_clip", ".nan"], "grad_clip"),
+        (["pretrain", *tr, "--train.run_dir", f"{w}/a_file"], "is a file"),
+        (["pretrain", *tr, "--train.run_dir", f"{w}/a_file/run"], "is a file"),
+        (["pretrain", *tr, "--data.dir", f"{w}/shards_bad_dtype"], "dtype"),
+        (["pretrain", *tr, "--data.dir", f"{w}/nope"], "manifest.json"),
+        (["pretrain", *tr, "--data.num_workers", "-4"], "num_workers"),
+        (["pretrain", *tr, "--model.vocab_size", "100"], "vocab_size"),
+        (["pretrain", *tr, "--ds_config", f"{w}/nope.json"], "nope.json"),
+        (["pretrain", *tr, "--ds_config", f"{w}/a_file"], "a_file"),
+        (["pretrain", *tr, "--train.micro_batch_size", "0"], "micro_batch_size"),
+        (["pretrain", *tr, "--train.bogus", "1"], "see pretrain.py --help"),
+        (["pretrain", "--config", f"{w}/nope.yaml"], "nope.yaml"),
+        # sft and dpo
+        ([*sft, "--data.source", f"{w}/sft.jsonl", "--train.lr", ".inf"], "lr"),
+        ([*sft, "--data.source", f"{w}/nope.jsonl"], "no such file"),
+        ([*sft, "--data.source", f"{w}/sft_bad.jsonl"], "sft_bad.jsonl"),
+        ([*sft, "--data.source", f"{w}/sft.jsonl", "--init_from", f"{w}/shards"], "not a model directory"),
+        ([*sft, "--data.source", f"{w}/sft.jsonl", "--init_from", f"{w}/run_truncated"], "optim_states"),
+        ([*dpo, "--data.source", f"{w}/dpo.jsonl", "--dpo.beta", ".nan"], "beta"),
+        ([*dpo, "--data.source", f"{w}/sft.jsonl"], "chosen"),
+        ([*dpo, "--data.source", f"{w}/dpo.jsonl", "--lora.rank", "-1"], "rank"),
+    ]
+
+
+class Hang(Exception):
+    pass
+
+
+def test_every_command_refuses_bad_input_in_one_line_and_changes_nothing(ws):
+    before = snapshot(ws)
+    counts = {"trials": 0, "tracebacks": 0, "hangs": 0, "wrong exit": 0, "not one line": 0, "outputs changed": 0}
+    failures = []
+
+    def alarm(*_):
+        raise Hang
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    try:
+        for argv, fragment in rows(ws):
+            counts["trials"] += 1
+            err, out = io.StringIO(), io.StringIO()
+            code, problem = None, ""
+            signal.alarm(HANG_S)
+            try:
+                with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+                    code = cli_exit(argv)
+            except Hang:
+                counts["hangs"] += 1
+                problem = "hang"
+            except BaseException as e:  # noqa: BLE001 - an escaped exception is what the campaign counts
+                counts["tracebacks"] += 1
+                problem = f"traceback: {type(e).__name__}: {e}"
+            finally:
+                signal.alarm(0)
+            lines = [line for line in err.getvalue().splitlines() if line.strip()]
+            if not problem and code != 2:
+                counts["wrong exit"] += 1
+                problem = f"exit {code}"
+            if not problem and (len(lines) != 1 or fragment not in lines[0] or "Traceback" in err.getvalue()):
+                counts["not one line"] += 1
+                problem = f"stderr {lines!r}"
+            after = snapshot(ws)
+            if after != before:
+                counts["outputs changed"] += 1
+                changed = sorted(set(after.items()) ^ set(before.items()))
+                problem += f" changed {changed[:4]}"
+                _restore(ws, before, after)
+            if problem:
+                failures.append(f"{' '.join(a.replace(str(ws), '{w}')[:60] for a in argv)}: {problem}")
+    finally:
+        signal.signal(signal.SIGALRM, old)
+    print("\nbad-input campaign:", ", ".join(f"{k} {v}" for k, v in counts.items()))
+    assert not failures, "\n".join(failures)
+    assert counts["trials"] >= 70
+
+
+def _restore(ws: Path, before: dict[str, str], after: dict[str, str]) -> None:
+    """Remove what a failing row created, so the next rows start from the same workspace."""
+    for rel in sorted(set(after) - set(before), key=len, reverse=True):
+        p = ws / rel
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def test_the_campaign_covers_every_command(ws):
+    covered = {argv[0] for argv, _ in rows(ws)}
+    assert covered == set(cli.COMMANDS), set(cli.COMMANDS) - covered
+
+
+def test_a_tokenizer_of_the_same_model_is_accepted_and_force_overrides(ws, capsys):
+    # An export's tokenizer (with its prompt prefix) and its run's are the same encoding.
+    assert cli_exit(["generate", f"{ws}/run", "x", "--tokenizer", f"{ws}/export", "--max_new_tokens", "2"]) == 0
+    assert cli_exit(["generate", f"{ws}/export", "x", "--tokenizer", f"{ws}/tok", "--max_new_tokens", "2"]) == 0
+    assert cli_exit(["generate", f"{ws}/export", "x", "--tokenizer", f"{ws}/other_tok", "--max_new_tokens", "2",
+                     "--force_tokenizer", "true"]) == 0
+    assert "error" not in capsys.readouterr().err
+
+
+def test_a_full_disk_at_startup_is_one_line_before_training(ws, tmp_path):
+    """The real command, its run directory on a full file system: refused at startup, nothing trained."""
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        (mnt / "fill").write_bytes(b"\0" * (200 << 10))
+        r = subprocess.run([sys.executable, "-m", "lillm.train.pretrain", "--config", "debug", "--ds_config",
+                            "zero2_cpu", "--data.dir", str(ws / "shards"), "--model.vocab_size", "1024",
+                            "--train.run_dir", str(mnt / "run"), "--train.max_steps", "5", "--data.num_workers", "0"],
+                           capture_output=True, text=True, timeout=300, env=ENV)
+        errors = [line for line in r.stderr.splitlines() if "error" in line.lower()]
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert len(errors) == 1 and "free on its disk" in errors[0] and "needs about" in errors[0], errors
+        assert not (mnt / "run" / "checkpoints").exists() or not any((mnt / "run" / "checkpoints").iterdir())
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
