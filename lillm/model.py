@@ -1,6 +1,7 @@
 """The lillm model: a Llama-3-style decoder on one screen.
 
-Order of the file: RMSNorm -> rotary embeddings -> KV cache -> Attention -> FeedForward -> Block -> LilLM.
+Order of the file: RMSNorm -> rotary embeddings -> KV cache -> masks of packed rows -> Attention -> FeedForward ->
+Block -> LilLM.
 Parameter names follow Meta's Llama reference (`tok_embeddings`, `layers.{i}.attention.wq`, ...), so the
 mapping onto transformers' `LlamaForCausalLM` keys is one-to-one (see `lillm.hf`).
 
@@ -12,9 +13,14 @@ import are plain renames.
 
 from __future__ import annotations
 
+import functools
+import logging
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from lillm.config import ModelConfig
@@ -70,8 +76,67 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, n_kv_heads, end, head_dim)
 
 
+def _compiled(fn):
+    # Compiled on first use: importing the compiler takes seconds that generation and data commands never need.
+    # Eager, flex_attention materialises the (B, H, T, T) scores and create_block_mask the (B, 1, T, T) mask.
+    # Packed batches change length from step to step: the second length seen compiles for every length.
+    # Inside a compiled model the function itself is traced into the model's graph.
+    return fn if torch.compiler.is_compiling() else _compile(fn)
+
+
+@functools.cache
+def _compile(fn):
+    return torch.compile(fn)
+
+
+def document_mask(documents: torch.Tensor) -> torch.Tensor:
+    """Boolean (B, 1, T, T) mask from per-token document ids (B, T): causal within each document. Padding
+    (document -1) attends to padding only, so its outputs stay finite."""
+    T = documents.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=documents.device).tril()
+    same = documents[:, :, None] == documents[:, None, :]  # (B, T, T)
+    return (same & causal)[:, None]  # (B, 1, T, T)
+
+
+def document_block_mask(documents: torch.Tensor) -> BlockMask:
+    """`document_mask` as flex attention's BlockMask: which 128 x 128 tiles to compute, never a (T, T) tensor."""
+
+    def same_document_causal(b, h, q, kv):
+        return (documents[b, q] == documents[b, kv]) & (q >= kv)
+
+    B, T = documents.shape
+    return _compiled(create_block_mask)(same_document_causal, B, None, T, T, device=documents.device)
+
+
+@torch.compiler.disable
+@functools.cache
+def flex_unavailable(device_type: str, dtype: torch.dtype, n_heads: int, n_kv_heads: int, head_dim: int,
+                     backward: bool) -> str | None:
+    """Why compiled flex attention fails here (forward, and backward when asked), or None when it runs.
+
+    Tried once per process and kind, on two tiny packed rows; a failure (no compiler, no kernel for this
+    device or dtype, no backward on CPU) is logged as one warning line, and packed rows fall back to the
+    dense mask.
+    """
+    try:
+        documents = torch.tensor([[0] * 100 + [1] * 100, [0] * 150 + [-1] * 50], device=device_type)  # (2, 200)
+        # Laid out as Attention lays them out; ones, not random numbers: the probe leaves training's RNG alone.
+        q, k, v = (torch.ones(2, 200, n, head_dim, device=device_type, dtype=dtype, requires_grad=backward)
+                   .transpose(1, 2) for n in (n_heads, n_kv_heads, n_kv_heads))  # (2, heads, 200, head_dim)
+        out = _compiled(flex_attention)(q, k, v, block_mask=document_block_mask(documents),
+                                        enable_gqa=n_kv_heads != n_heads)
+        if backward:
+            out.sum().backward()
+        return None
+    except Exception as e:  # whatever the compiler or the kernel raises: the dense mask always works
+        reason = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        logging.getLogger("lillm").warning(f"flex attention unavailable ({reason}); packed rows use a dense mask")
+        return reason
+
+
 class Attention(nn.Module):
-    """Grouped-query self-attention through PyTorch's fused scaled_dot_product_attention."""
+    """Grouped-query self-attention through PyTorch's fused scaled_dot_product_attention, or flex attention when
+    packed rows bring a BlockMask."""
 
     def __init__(self, layer_id: int, config: ModelConfig) -> None:
         super().__init__()
@@ -89,7 +154,7 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         cache: KVCache | None = None,
         start_pos: int = 0,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor | BlockMask | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, n_heads, head_dim)
@@ -99,11 +164,15 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v, start_pos)  # (B, n_kv_heads, S, head_dim)
-        # Without an explicit mask, a multi-token call is causal and a single-token decode step sees
-        # everything cached: no mask tensor is ever built on the training path.
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=self.n_kv_heads != self.n_heads
-        )  # (B, n_heads, T, head_dim)
+        gqa = self.n_kv_heads != self.n_heads
+        if isinstance(mask, BlockMask):
+            out = _compiled(flex_attention)(q, k, v, block_mask=mask, enable_gqa=gqa)  # (B, n_heads, T, head_dim)
+        else:
+            # Without an explicit mask, a multi-token call is causal and a single-token decode step sees
+            # everything cached: no mask tensor is ever built on the pretraining path.
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=gqa
+            )  # (B, n_heads, T, head_dim)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, d_model)
 
 
@@ -137,7 +206,7 @@ class Block(nn.Module):
         sin: torch.Tensor,
         cache: KVCache | None = None,
         start_pos: int = 0,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor | BlockMask | None = None,
     ) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, cache, start_pos, mask)
         return h + self.feed_forward(self.ffn_norm(h))
@@ -160,6 +229,9 @@ class LilLM(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.activation_checkpointing = False
         """Recompute each block's activations in the backward pass instead of storing them."""
+        self.packed_attention: Literal["auto", "flex", "dense"] = "auto"
+        """How packed rows (`documents`) attend: 'flex' (compiled flex attention, block-sparse, no (T, T) mask),
+        'dense' (SDPA with a boolean (B, 1, T, T) mask), 'auto' (flex on CUDA, dense elsewhere)."""
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -219,13 +291,16 @@ class LilLM(nn.Module):
         start_pos: int = 0,
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor | BlockMask | None = None,
+        documents: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for `tokens` (B, T).
 
         start_pos: where these tokens start in the sequence (decoding with `cache`).
-        positions: per-sequence rotary positions (B, T), for left-padded batches; default start_pos + arange(T).
-        mask: boolean (B, 1, T, S) attention mask, True where attention is allowed; default causal.
+        positions: per-sequence rotary positions (B, T), for left-padded or packed rows; default start_pos + arange(T).
+        mask: boolean (B, 1, T, S) attention mask, True where attention is allowed, or a flex BlockMask; default causal.
+        documents: instead of `mask`, for packed rows: each token's document id (B, T), -1 for padding; attention
+            is causal within each document (see `packed_attention`).
         """
         B, T = tokens.shape
         h = self.tok_embeddings(tokens)  # (B, T, d_model)
@@ -234,6 +309,8 @@ class LilLM(nn.Module):
         else:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, head_dim)
         cos, sin = cos.to(h.dtype), sin.to(h.dtype)
+        if documents is not None:
+            mask = self.document_attention(documents, h.dtype)  # built once, shared by every layer
         if mask is None and T > 1 and start_pos > 0:
             # Chunked prefill: queries at start_pos.. see the whole cache and their own causal prefix.
             mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=tokens.device).tril(start_pos)
@@ -243,6 +320,20 @@ class LilLM(nn.Module):
             else:
                 h = layer(h, cos, sin, cache, start_pos, mask)
         return self.output(self.norm(h))  # (B, T, vocab_size)
+
+    def document_attention(self, documents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | BlockMask:
+        """The attention mask of packed rows (B, T) for a `dtype` forward: a flex BlockMask when
+        `packed_attention` asks for flex and it runs here, else the dense (B, 1, T, T) mask."""
+        # 'auto' is dense off CUDA: torch has no flex attention backward on CPU (benchmarks/packed_attention.py
+        # measures both there, forward only; README "Performance").
+        flex = self.packed_attention == "flex" or (self.packed_attention == "auto" and documents.device.type == "cuda")
+        c = self.config
+        # Inside torch.compile the probe is skipped (calling it would break the graph on every forward): a flex
+        # that fails to compile there makes the step run eagerly, where the probe decides.
+        if flex and (torch.compiler.is_compiling() or flex_unavailable(
+                documents.device.type, dtype, c.n_heads, c.n_kv_heads, c.head_dim, torch.is_grad_enabled()) is None):
+            return document_block_mask(documents)
+        return document_mask(documents)
 
     def num_params(self) -> int:
         """Unique parameters (tied weights counted once)."""

@@ -1,9 +1,13 @@
+import logging
+
 import pytest
 import torch
+import torch.nn.attention.flex_attention as flex
 
 from lillm import LilLM, ModelConfig
+from lillm import model as model_module
 from lillm.errors import UserError
-from lillm.model import apply_rotary, rope_tables
+from lillm.model import apply_rotary, document_block_mask, document_mask, rope_tables
 
 from .conftest import tiny_model
 
@@ -115,3 +119,77 @@ def test_meta_device_construction_then_init():
     model = model.to_empty(device="cpu")
     model.init_weights()
     assert torch.isfinite(model(torch.randint(0, 100, (1, 5)))).all()
+
+
+def packed_rows(vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens, positions and document ids (each (2, 300)) of two packed rows: two documents, the first filling whole
+    128-token tiles; three documents, then 30 tokens of padding (document -1)."""
+    lengths = [[260, 40], [100, 150, 20, 30]]
+    documents = torch.tensor([[d for d, n in enumerate(row) for _ in range(n)] for row in lengths])
+    documents[1, -30:] = -1
+    positions = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
+    return torch.randint(0, vocab_size, (2, 300), generator=torch.Generator().manual_seed(0)), positions, documents
+
+
+def logits_and_grads(model: LilLM, **inputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model.zero_grad()
+    logits = model(**inputs)
+    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1)).to(logits.device)
+    ((logits * weights).sum() / logits.shape[:2].numel()).backward()  # a per-token mean; padding counts too
+    return logits.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("n_kv_heads", [2, 4], ids=["gqa", "mha"])
+def test_flex_block_mask_gives_the_dense_masks_logits_and_gradients(monkeypatch, n_kv_heads):
+    model = tiny_model(n_kv_heads=n_kv_heads, max_seq_len=512).train()
+    tokens, positions, documents = packed_rows(model.config.vocab_size)
+    dense = logits_and_grads(model, tokens=tokens, positions=positions, mask=document_mask(documents))
+    # On CPU, compiled flex attention has no backward and torch refuses the eager one up front; eager, it runs
+    # the reference math through the same BlockMask, which is what this test checks against the dense mask
+    # (test_compiled_flex_attention_on_cuda runs the compiled kernels).
+    monkeypatch.setattr(flex, "_validate_device", lambda *args: None)
+    with torch.compiler.set_stance("force_eager"):
+        block_mask = document_block_mask(documents)
+        assert block_mask.full_kv_num_blocks.sum() > 0  # whole tiles skip the mask, partial ones apply it
+        fx = logits_and_grads(model, tokens=tokens, positions=positions, mask=block_mask)
+    assert torch.isfinite(fx[0]).all()
+    torch.testing.assert_close(fx[0], dense[0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(fx[1], dense[1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled flex attention trains on CUDA only")
+@pytest.mark.parametrize("n_kv_heads", [2, 4], ids=["gqa", "mha"])
+def test_compiled_flex_attention_on_cuda(n_kv_heads):
+    model = tiny_model(n_kv_heads=n_kv_heads, max_seq_len=512).train().cuda()
+    tokens, positions, documents = (t.cuda() for t in packed_rows(model.config.vocab_size))
+    out = {}
+    for mode in ("dense", "flex"):
+        model.packed_attention = mode
+        assert isinstance(model.document_attention(documents, torch.float32), flex.BlockMask) == (mode == "flex")
+        out[mode] = logits_and_grads(model, tokens=tokens, positions=positions, documents=documents)
+    torch.testing.assert_close(out["flex"][0], out["dense"][0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(out["flex"][1], out["dense"][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_attention_choice_and_fallback(monkeypatch, caplog):
+    model = tiny_model()
+    documents = torch.tensor([[0, 0, 1, 1, 1, -1]])
+    monkeypatch.setattr(model_module, "flex_unavailable", lambda *args: None)
+    for mode, kind in (("auto", torch.Tensor), ("dense", torch.Tensor), ("flex", flex.BlockMask)):  # auto: CPU
+        model.packed_attention = mode
+        with torch.compiler.set_stance("force_eager"):
+            assert isinstance(model.document_attention(documents, torch.float32), kind)
+    monkeypatch.setattr(model_module, "flex_unavailable", lambda *args: "no kernel")
+    assert torch.equal(model.document_attention(documents, torch.float32), document_mask(documents))
+
+    # A failing compilation or kernel is one warning line, once per kind (an unusual one, so never cached before).
+    monkeypatch.undo()
+    monkeypatch.setattr(model_module, "flex_attention", lambda *args, **kwargs: 1 / 0)
+    with caplog.at_level(logging.WARNING, "lillm"), torch.compiler.set_stance("force_eager"):
+        for _ in range(2):
+            assert model_module.flex_unavailable("cpu", torch.float64, 3, 1, 8, False) == (
+                "ZeroDivisionError: division by zero")
+    assert [r.getMessage() for r in caplog.records] == [
+        "flex attention unavailable (ZeroDivisionError: division by zero); packed rows use a dense mask"]

@@ -142,27 +142,28 @@ def collate_pairs(pairs: list[tuple[Example, Example]], pad_id: int) -> Batch:
 @dataclass
 class Batch:
     """Model inputs (B, T), targets (B, T) with IGNORE_INDEX where nothing is learned, and, for packed rows,
-    per-token rotary positions (B, T) and a boolean attention mask (B, 1, T, T)."""
+    per-token rotary positions (B, T) and document ids (B, T), from which the model builds its attention mask."""
 
     inputs: torch.Tensor
     targets: torch.Tensor
     positions: torch.Tensor | None = None
-    mask: torch.Tensor | None = None
+    documents: torch.Tensor | None = None
+    """Packed rows: the example each input token belongs to (0, 1, ... along the row), -1 for padding."""
     num_tokens: int = 0
     """Real (non-padding) input tokens."""
+    num_targets: int = 0
+    """Targets that are learned (not IGNORE_INDEX), counted on the host when collated."""
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return Batch(move(self.inputs), move(self.targets), move(self.positions), move(self.mask), self.num_tokens)
-
-    @property
-    def num_targets(self) -> int:
-        return int((self.targets != IGNORE_INDEX).sum())
+        return Batch(move(self.inputs), move(self.targets), move(self.positions), move(self.documents),
+                     self.num_tokens, self.num_targets)
 
 
 def collate(rows: list[Row], pad_id: int, packed: bool) -> Batch:
     """Right-pad rows to the longest one. Unpacked rows need no mask: causal attention never lets a real
-    token see the padding after it. Packed rows get block-diagonal causal masks and restarted positions."""
+    token see the padding after it. Packed rows get document ids (attention stays within a document) and
+    positions restarting at each document."""
     L = max(len(r.ids) for r in rows)
     ids = np.full((len(rows), L), pad_id, dtype=np.int64)
     learn = np.zeros((len(rows), L), dtype=bool)
@@ -171,17 +172,14 @@ def collate(rows: list[Row], pad_id: int, packed: bool) -> Batch:
         ids[b, : len(r.ids)], learn[b, : len(r.ids)], seg[b, : len(r.ids)] = r.ids, r.learn, r.segment
     ids_t, learn_t = torch.from_numpy(ids), torch.from_numpy(learn)
     targets = ids_t[:, 1:].masked_fill(~learn_t[:, 1:], IGNORE_INDEX)
-    num_tokens = sum(len(r.ids) - 1 for r in rows)
+    num_tokens, num_targets = sum(len(r.ids) - 1 for r in rows), int(learn[:, 1:].sum())
     if not packed:
-        return Batch(ids_t[:, :-1], targets, num_tokens=num_tokens)
+        return Batch(ids_t[:, :-1], targets, num_tokens=num_tokens, num_targets=num_targets)
     seg_t = torch.from_numpy(seg[:, :-1]).long()  # (B, T)
     T = seg_t.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    same = seg_t[:, :, None] == seg_t[:, None, :]  # (B, T, T)
-    mask = (same & causal)[:, None]  # (B, 1, T, T); padding (segment -1) attends to padding only
     pos = torch.zeros_like(seg_t)
     for b in range(len(rows)):
         starts = np.flatnonzero(np.diff(seg[b, :T], prepend=-2))  # first index of each segment
         lengths = np.diff(np.append(starts, T))
         pos[b] = torch.from_numpy(np.concatenate([np.arange(n) for n in lengths]))
-    return Batch(ids_t[:, :-1], targets, pos, mask, num_tokens)
+    return Batch(ids_t[:, :-1], targets, pos, seg_t, num_tokens, num_targets)

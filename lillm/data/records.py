@@ -49,6 +49,9 @@ class ChatDataConfig:
     """Records longer than seq_len + 1 tokens: cut at the end (dropped if no reply token is left) or dropped."""
     packing: bool = False
     """SFT: put several conversations in one row (isolated from each other by the attention mask)."""
+    packed_attention: Literal["auto", "flex", "dense"] = "auto"
+    """With packing: 'flex' attends through compiled flex attention with a block mask from document ids,
+    'dense' through SDPA with a boolean (B, 1, T, T) mask, 'auto' is flex on CUDA and dense elsewhere."""
     shuffle: bool = True
     """Shuffle rows each epoch (deterministically, by seed and epoch)."""
 
