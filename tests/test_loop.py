@@ -219,3 +219,104 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(process
     (run / "checkpoints/step_00000002/lillm.json").write_text("{not json")
     with pytest.raises(UserError, match="no older one is intact"):
         pretrainer(pretrain_shards, run, *args)
+
+
+SYNCS = ("aten::_local_scalar_dense", "aten::item")
+COLLECTIVE_WORDS = ("allreduce", "all_reduce", "reduce_scatter", "allgather", "all_gather", "broadcast", "barrier")
+
+
+def counts_of(prof) -> tuple[int, int]:
+    """(host reads of device scalars, collectives) among a torch.profiler run's CPU events."""
+    names = [e.name for e in prof.events()]
+    syncs = sum(n in SYNCS for n in names)
+    # A collective shows up as a few nested events (the op, the backend's record): count the dispatcher op.
+    collectives = sum(n.startswith("c10d::") and any(w in n for w in COLLECTIVE_WORDS) for n in names)
+    return syncs, collectives
+
+
+@pytest.mark.parametrize("task,max_bad_steps", [("pretrain", "0"), ("sft", "2"), ("dpo", "0")])
+def test_steps_between_agreements_wait_for_nothing_deepspeed_does_not(process_group, pretrain_shards, chat_base,
+                                                                       chat_data, tmp_path, monkeypatch, task,
+                                                                       max_bad_steps):
+    """A whole loop iteration outside log, eval, checkpoint and agreement steps adds no host read of a device
+    value (`.item()`, `float(t)`, `bool(t)`) and no collective to what DeepSpeed's own forward/backward/step
+    does, measured by a bare loop over the same engine and objective. This is what lets a GPU run ahead of
+    the host. (max_bad_steps > 0 adds the gradient gates: they must not wait either.)"""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lillm.train import loop
+
+    extra = ["--train.max_steps", "5", "--train.grad_accum", "2", "--train.log_interval", "1000",
+             "--train.max_bad_steps", max_bad_steps]
+    if task == "pretrain":
+        trainer = pretrainer(pretrain_shards, tmp_path / task, *extra)
+    else:
+        trainer = posttrainer(task, chat_base, chat_data[task], tmp_path / task, *extra)
+    iterations, current = [], []
+    apply_lr = loop.apply_lr
+
+    def profiled_apply_lr(*args):  # called once at the top of every iteration: one profile per iteration
+        if current:
+            current[0].stop()
+            iterations.append(counts_of(current.pop()))
+        current.append(profile(activities=[ProfilerActivity.CPU]))
+        current[0].start()
+        return apply_lr(*args)
+
+    monkeypatch.setattr(loop, "apply_lr", profiled_apply_lr)
+    monkeypatch.setattr(loop, "AGREE_SECONDS", 1e9)  # agree every AGREE_EVERY steps however slow this machine is
+    assert trainer.fit() == 0
+    current[0].stop()
+    assert len(iterations) == 4  # steps 1-4 (step 1 agrees, to measure the step time); step 5, the last, saves
+    engine, objective = trainer.engine, trainer.objective
+    batches = iter(objective.loader)
+
+    def measure(fn, out: list):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            result = fn()
+        out.append(counts_of(prof)[0])
+        return result
+
+    def bare_step(objective_reads: list[int] | None = None):  # any DeepSpeed loop's optimizer step
+        micro = [next(batches) for _ in range(trainer.plan.grad_accum)]
+        # With objective_reads, the task's own calls are profiled alone (profilers do not nest).
+        call = (lambda fn: measure(fn, objective_reads)) if objective_reads is not None else (lambda fn: fn())
+        call(lambda: objective.begin_step(micro))
+        for batch in micro:
+            engine.backward(call(lambda b=batch: objective.loss(engine, b.to(trainer.device))))
+            engine.step()
+
+    bare = []
+    for _ in range(3):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            bare_step()
+        bare.append(counts_of(prof))
+    objective_reads = []
+    bare_step(objective_reads)
+    print(f"{task}: per iteration (host reads, collectives) loop {iterations}, bare DeepSpeed {bare}")
+    assert objective_reads and set(objective_reads) == {0}  # the task's loss and step set-up never wait either
+    assert len(set(bare[1:])) == 1, bare  # the first step after a pause may differ
+    assert set(iterations[1:]) == set(bare[1:]), (iterations, bare)
+
+
+def test_agreements_follow_the_step_time(process_group, pretrain_shards, tmp_path, monkeypatch):
+    """Between log, eval and checkpoint steps the ranks agree after the first step, then every AGREE_EVERY
+    steps, or every step when a step takes longer than AGREE_SECONDS (so a signal is answered in time)."""
+    from lillm.train import loop
+
+    seen = {}
+    for seconds in (1e9, 0.0):
+        monkeypatch.setattr(loop, "AGREE_SECONDS", seconds)
+        trainer = pretrainer(pretrain_shards, tmp_path / str(seconds), "--train.max_steps", "12",
+                             "--train.log_interval", "1000", "--train.ckpt_interval", "1000")
+        steps, agree = [], trainer.agree
+
+        def counted(stop, trainer=trainer, agree=agree, steps=steps):
+            steps.append(trainer.progress.step)
+            return agree(stop)
+
+        trainer.agree = counted
+        assert trainer.fit() == 0
+        seen[seconds] = steps
+    assert seen[1e9] == [1, 1 + loop.AGREE_EVERY, 12]
+    assert seen[0.0] == list(range(1, 13))

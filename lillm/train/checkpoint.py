@@ -268,11 +268,9 @@ def write_run_files(run_dir: Path, config_yaml: str, ds_cfg: dict[str, Any], tok
 
 
 def checkpoint_bytes(model: torch.nn.Module) -> int:
-    """About how much one checkpoint takes: fp32 master weights and two Adam moments (12 bytes) per trainable
-    parameter, plus the module's weights at their own precision."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return 12 * trainable + weights
+    """About how much one checkpoint takes: per trainable parameter, fp32 master weights and two Adam moments
+    (12 bytes) and the module's own copy (frozen weights, a LoRA base, are not saved)."""
+    return sum((12 + p.element_size()) * p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def check_free_space(run_dir: Path, needed: int, keep: int, log: Any) -> None:

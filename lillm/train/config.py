@@ -85,12 +85,14 @@ class TrainConfig:
     """'auto' (latest in run_dir, if any), 'none', a checkpoint tag, or a checkpoint path."""
     activation_checkpointing: bool = False
     """Recompute block activations in the backward pass to save memory."""
-    compile: bool = False
-    """Compile the model with torch.compile."""
+    compile: bool | None = None
+    """torch.compile the model; default: on with CUDA, off on CPU (where it did not pay at the quickstart's
+    shape, see the README). A graph that fails to compile runs eagerly, with a warning."""
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s per device for MFU; 0 detects A100/H100/H200 (bf16) and skips MFU elsewhere."""
     max_bad_steps: int = 0
-    """Micro-batches with a NaN/inf loss to skip before stopping; 0 stops at the first."""
+    """Micro-batches with a NaN/inf loss (on any rank) to skip before stopping; 0 stops at the first. A skipped
+    micro-batch adds no gradient on the rank that had it."""
     tensorboard: bool = True
     """Write TensorBoard events under run_dir/tensorboard."""
 

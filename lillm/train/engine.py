@@ -180,10 +180,18 @@ def build_optimizer(ds_cfg: dict[str, Any], groups: list[dict[str, Any]], device
                              weight_decay=params["weight_decay"], fused=device.type in ("cuda", "cpu"))
 
 
-def all_reduce(values: list[float], device: torch.device, op: Any = None) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def all_reduce(values: list[Any], device: torch.device, op: Any = None) -> list[float]:
+    """Sum (or `op`) numbers over ranks, read back on the host: numbers or 0-dim tensors already on the device.
+    A wait for the device: for log, eval and agreement steps only."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device) for v in values])
     dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def to_device(values: list[float], device: torch.device) -> torch.Tensor:
+    """Host numbers as a float64 device tensor without waiting for the device (pinned, asynchronous copy)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 def initialize_engine(model: nn.Module, ds_cfg: dict[str, Any], groups: list[dict[str, Any]], device: torch.device,
@@ -206,7 +214,10 @@ def build_engine(model: nn.Module, train: Any, ds_cfg: dict[str, Any], ds_path: 
     """The model under a DeepSpeed engine as `train` asks: activation checkpointing, AdamW groups, compile."""
     model.activation_checkpointing = train.activation_checkpointing
     engine, optimizer = initialize_engine(model, ds_cfg, param_groups(model, train.weight_decay), device, ds_path)
-    if train.compile:
+    if train.compile if train.compile is not None else device.type == "cuda":
+        import torch._dynamo
+
+        torch._dynamo.config.suppress_errors = True  # a graph that fails to compile runs eagerly, with a warning
         engine.compile()
     return engine, optimizer
 

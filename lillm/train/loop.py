@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from lillm.errors import UserError
@@ -27,6 +28,14 @@ from lillm.train.config import BatchPlan, TrainConfig
 from lillm.train.engine import StopFlag, all_reduce
 from lillm.train.metrics import MetricsWriter, detect_peak_tflops, format_duration
 from lillm.train.schedule import apply_lr
+
+AGREE_EVERY = 10
+AGREE_SECONDS = 5.0
+"""Outside log, eval and checkpoint steps, the ranks agree on stopping (a signal) and on non-finite losses
+every AGREE_EVERY steps, or sooner so that about AGREE_SECONDS of training pass between agreements (from the
+step time all ranks measured up to the last one): the only other points where the loop waits for the device.
+A signal is answered within max(AGREE_SECONDS, one step), well inside the 30 s DeepSpeed's launcher gives
+before it kills a rank; a non-finite loss is found before any checkpoint could hold it."""
 
 
 class Objective:
@@ -104,8 +113,20 @@ class Window:
     t0: float = dataclasses.field(default_factory=time.perf_counter)
     data: float = 0.0  # seconds spent waiting for micro-batches
     steps: int = 0
-    tokens: float = 0.0  # all ranks
-    loss: float = 0.0  # this rank's step losses
+    tokens: float = 0.0  # all ranks, counted at each agreement
+    loss: Any = 0.0  # this rank's step losses: a tensor on the device, read at the log step
+
+
+@dataclasses.dataclass
+class StepRecord:
+    """An optimizer step not yet agreed on: what a diagnosis needs, and its device-side loss flags."""
+
+    step: int
+    lr: float
+    micro: list[Any]  # the micro-batches, on the CPU
+    losses: torch.Tensor  # (grad_accum,) on the device
+    finite: torch.Tensor  # (grad_accum,) bool, on the device
+    tokens: int  # this rank's
 
 
 @dataclasses.dataclass
@@ -132,9 +153,15 @@ class Trainer:
             self.log.info(f"resumed from {self.checkpoint.resume_from} at step {self.progress.step} "
                           f"({self.progress.tokens_seen:,} tokens)")
         run_dir = Path(self.train.run_dir)
-        check_free_space(run_dir, checkpoint_bytes(self.engine.module), self.train.keep_checkpoints, self.log)
-        if self.rank == 0:
-            write_run_files(run_dir, config_yaml, ds_cfg, tokenizer)
+        problem = ""
+        try:  # every rank checks its own disk (node-local run directories), rank 0 writes; all agree before going on
+            check_free_space(run_dir, checkpoint_bytes(self.engine.module), self.train.keep_checkpoints, self.log)
+            if self.rank == 0:
+                write_run_files(run_dir, config_yaml, ds_cfg, tokenizer)
+        except UserError as e:
+            problem = str(e)
+        if all_reduce([float(bool(problem))], self.device)[0]:
+            raise UserError(problem or "another rank could not open the run directory (see its error)")
         self.writer = MetricsWriter(str(run_dir / "tensorboard") if self.rank == 0 and self.train.tensorboard else None,
                                     run_dir / "metrics.jsonl" if self.rank == 0 else None, self.progress.step)
         if self.rank == 0 and self.progress.step == 0:
@@ -151,35 +178,47 @@ class Trainer:
         self.bar = tqdm(total=plan.max_steps, initial=progress.step, desc=self.objective.name, unit="step",
                         disable=self.rank != 0, dynamic_ncols=True, mininterval=2.0, file=sys.stderr)
         self.window, self.start_step, self.run_start, self.bad_steps = Window(), progress.step, time.perf_counter(), 0
+        self.next_agreement, self.last_agreement = progress.step + 1, time.perf_counter()  # the first step measures
+        self.pending: list[StepRecord] = []
+        self.finite = None
+        hooks = self.gate_gradients() if train.max_bad_steps > 0 else []
         try:
             while progress.step < plan.max_steps:
                 lr = apply_lr(self.optimizer, progress.step, train, plan.max_steps)
-                tokens = self.train_step(batches, lr)
-                # One collective per step: every rank must agree to stop at the same step, or the save's
-                # collectives would hang; the token count rides along.
-                signalled, tokens = all_reduce([float(stop.requested()), tokens], self.device)
+                warm_up = progress.step == self.start_step and getattr(self.engine, "is_compiled", False)
+                t, graphs = time.perf_counter(), compiled_graphs() if warm_up else 0
+                self.train_step(batches, lr)
+                if warm_up:
+                    self.report_compile(time.perf_counter() - t, compiled_graphs() - graphs)
                 progress.step += 1
-                progress.tokens_seen += int(tokens)
                 self.window.steps += 1
-                self.window.tokens += tokens
                 self.bar.update(1)
                 last = progress.step == plan.max_steps
-                if progress.step % train.log_interval == 0 or last:
+                log = progress.step % train.log_interval == 0 or last
+                evaluate = self.objective.has_validation and train.eval_interval > 0 and (
+                    progress.step % train.eval_interval == 0 or last)
+                save = progress.step % train.ckpt_interval == 0 or last
+                if not (log or evaluate or save or progress.step >= self.next_agreement):
+                    continue  # the device runs ahead: nothing here waits for it
+                signalled = self.agree(stop)
+                if log:
                     self.log_window(lr)
-                if self.objective.has_validation and train.eval_interval > 0 and (
-                        progress.step % train.eval_interval == 0 or last):
+                if evaluate:
                     last_val = self.evaluate()
                 if signalled:
                     self.log.info(f"{stop.reason or 'stopping on another rank'}: saving at step {progress.step} "
                                   "and exiting")
                     self.save()
                     break
-                if progress.step % train.ckpt_interval == 0 or last:
+                if save:
                     self.save()
+                self.last_agreement = time.perf_counter()  # the next step time leaves out logging and saving
         except UserError as e:
             self.log.error(f"error: {e}")
             exit_code = 2
         finally:
+            for h in hooks:
+                h.remove()
             stop.close()
             self.bar.close()
             self.writer.hparams({**dataclasses.asdict(train), **self.objective.hparams(), "world_size": self.world,
@@ -189,42 +228,84 @@ class Trainer:
             self.log.info(f"done at step {progress.step}; {self.objective.done_hint()}")
         return exit_code
 
-    def train_step(self, batches: Iterator[Any], lr: float) -> int:
-        """One optimizer step over grad_accum micro-batches; returns this rank's token count."""
+    def train_step(self, batches: Iterator[Any], lr: float) -> None:
+        """One optimizer step over grad_accum micro-batches, queued without waiting for the device: the
+        losses and their finiteness stay there until the next agreement (`agree`)."""
         t = time.perf_counter()
         micro = [next(batches) for _ in range(self.plan.grad_accum)]
         self.window.data += time.perf_counter() - t
         self.objective.begin_step(micro)
-        tokens, step_loss = 0, 0.0
+        tokens, losses, step_loss = 0, [], 0.0
         for batch in micro:
             tokens += self.objective.num_tokens(batch)
-            batch = batch.to(self.device, non_blocking=True)
-            loss = self.checked(self.objective.loss(self.engine, batch), batch, lr)
+            loss = self.objective.loss(self.engine, batch.to(self.device, non_blocking=True))
+            if self.finite is not None:
+                self.finite.copy_(torch.isfinite(loss.detach()))  # what the gradient gates read
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
-            step_loss += float(loss.detach()) / self.plan.grad_accum
-        self.window.loss += step_loss
-        return tokens
+            value = loss.detach().double()
+            step_loss = step_loss + value.nan_to_num(0.0, 0.0, 0.0) / self.plan.grad_accum  # a skipped one adds 0
+            losses.append(value)
+        losses_t = torch.stack(losses)
+        self.window.loss = self.window.loss + step_loss
+        self.pending.append(StepRecord(self.progress.step, lr, micro, losses_t, torch.isfinite(losses_t), tokens))
 
-    def checked(self, loss: torch.Tensor, batch: Any, lr: float) -> torch.Tensor:
-        """The loss, or (NaN/inf on any rank, within train.max_bad_steps) a zero that skips the micro-batch
-        on every rank alike; past the limit, the batch is saved for diagnosis and training stops."""
-        finite = bool(torch.isfinite(loss.detach()))
-        if self.world > 1:
-            finite = all_reduce([0.0 if finite else 1.0], self.device)[0] == 0
-        if finite:
-            return loss
-        step = self.progress.step
-        self.bad_steps += 1
+    def report_compile(self, seconds: float, graphs: int) -> None:
+        """The torch.compile warm-up (the first step compiles on the host), and whether anything compiled."""
+        if graphs:
+            self.log.info(f"torch.compile warm-up: the first step took {seconds:.1f}s ({graphs} graph(s) compiled)")
+        else:
+            self.log.warning("torch.compile compiled nothing (see the warnings above): training runs eagerly")
+
+    def gate_gradients(self) -> list[Any]:
+        """With train.max_bad_steps > 0: every parameter's gradient passes through a gate that zeroes it for a
+        micro-batch whose loss is not finite, so a skipped micro-batch changes nothing, decided on the device."""
+        self.finite = torch.ones((), dtype=torch.bool, device=self.device)
+        return [p.register_hook(lambda g: g.where(self.finite, 0.0))
+                for p in self.engine.module.parameters() if p.requires_grad]
+
+    def agree(self, stop: StopFlag) -> bool:
+        """The ranks' one collective outside log and eval steps, and the loop's one wait for the device: the
+        stop flag, the token count, this rank's step time and which pending micro-batches had a non-finite
+        loss, summed over ranks. Returns whether to stop; raises past train.max_bad_steps."""
+        pending, self.pending = self.pending, []
+        now = time.perf_counter()
+        step_time = (now - self.last_agreement) / len(pending) / self.world
+        head = torch.tensor([float(stop.requested()), sum(r.tokens for r in pending), step_time], dtype=torch.float64)
+        bad = torch.cat([~r.finite for r in pending]).double()  # (steps x grad_accum,)
+        totals = torch.cat([head.to(self.device), bad])
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        signalled, tokens, step_time, *bad_micro = totals.tolist()
+        self.progress.tokens_seen += int(tokens)
+        self.window.tokens += tokens
+        gas = self.plan.grad_accum
+        for i, record in enumerate(pending):
+            if count := sum(n > 0 for n in bad_micro[i * gas : (i + 1) * gas]):
+                self.skip_or_stop(record, count)
+        # Every rank derives the same next agreement from the same summed numbers.
+        interval = int(AGREE_SECONDS / max(step_time, 1e-9))
+        self.next_agreement = self.progress.step + max(1, min(AGREE_EVERY, interval))
+        return signalled > 0
+
+    def skip_or_stop(self, record: StepRecord, count: int) -> None:
+        """Count a step's micro-batches with a non-finite loss on any rank; past train.max_bad_steps, each rank
+        that had one saves it for diagnosis, and training stops."""
+        self.bad_steps += count
         if self.bad_steps > self.train.max_bad_steps:
-            diag = Path(self.train.run_dir) / f"nonfinite_step{step}_rank{self.rank}.pt"
-            diag.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"step": step, "batch": batch.to("cpu"), "loss": loss.item(), "lr": lr}, diag)
-            raise UserError(f"non-finite loss at step {step} (lr {lr:.3g}); the batch is saved in {diag}; the last "
-                            "checkpoint is untouched. Lower train.lr or raise train.max_bad_steps to skip batches")
-        self.log.warning(f"step {step}: non-finite loss, skipping the micro-batch ({self.bad_steps} skipped)")
-        # A zero loss that touches every parameter: the update sees no gradient from this batch.
-        return sum(p.sum() for p in self.engine.module.parameters()) * 0.0
+            diag = Path(self.train.run_dir) / f"nonfinite_step{record.step}_rank{self.rank}.pt"
+            finite = record.finite.tolist()
+            if False in finite:
+                k = finite.index(False)
+                diag.parent.mkdir(parents=True, exist_ok=True)
+                torch.save({"step": record.step, "batch": record.micro[k], "loss": float(record.losses[k]),
+                            "lr": record.lr}, diag)
+            raise UserError(f"non-finite loss at step {record.step} (lr {record.lr:.3g}); the batch is saved in "
+                            f"{diag.with_name(f'nonfinite_step{record.step}_rank*.pt')} by the rank(s) that had it; "
+                            "the last checkpoint is untouched. Lower train.lr or raise train.max_bad_steps to skip "
+                            "batches")
+        self.log.warning(f"step {record.step}: {count} micro-batch(es) with a non-finite loss skipped "
+                         f"({self.bad_steps} so far)")
 
     def log_window(self, lr: float) -> None:
         """Scalars to TensorBoard and metrics.jsonl, and one console line (a collective)."""
@@ -273,6 +354,13 @@ class Trainer:
     def save(self) -> None:
         path = self.checkpoint.save(self.progress.step)
         self.log.info(f"saved checkpoint {path}")
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def perplexity(loss: float) -> float:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 
 from lillm.data.chat_loader import ChatLoader, chat_validation_batches
 from lillm.data.examples import Batch, ChatData, load_preferences, load_sft
@@ -37,7 +38,7 @@ from lillm.tokenizer import Tokenizer
 from lillm.train.checkpoint import Checkpoint
 from lillm.train.config import BatchPlan, TrainConfig, new_parser, parse, plan_batches, resolve_seq_len
 from lillm.train.ds_config import fill_ds_config, load_ds_config, precision, resolve_ds_config
-from lillm.train.engine import all_reduce, build_engine, launched_world_size, run_script, start_process
+from lillm.train.engine import all_reduce, build_engine, launched_world_size, run_script, start_process, to_device
 from lillm.train.loop import Objective, Trainer, perplexity
 from lillm.train.loss import preference_loss, sequence_logps, token_loss
 
@@ -138,11 +139,14 @@ class SFT(ChatObjective):
 
     def begin_step(self, micro: list[Batch]) -> None:
         # The global count of learned tokens in this step: each micro-batch's loss is a share of it.
-        learned = all_reduce([sum(b.num_targets for b in micro)], self.device)[0]
-        self.normalizer = learned / (self.plan.grad_accum * self.world)
+        # Summed on the device, not read back: the step is queued without waiting for it.
+        learned = to_device([sum(b.num_targets for b in micro)], self.device)
+        if dist.is_initialized():
+            dist.all_reduce(learned)
+        self.normalizer = (learned[0] / (self.plan.grad_accum * self.world)).float()
 
     def loss(self, engine: Any, batch: Batch) -> torch.Tensor:
-        return token_loss(engine(batch.inputs, positions=batch.positions, mask=batch.mask), batch.targets,
+        return token_loss(engine(batch.inputs, positions=batch.positions, documents=batch.documents), batch.targets,
                           self.normalizer)
 
     def evaluate(self, engine: Any) -> dict[str, float]:
@@ -184,11 +188,11 @@ class DPO(ChatObjective):
             logps, ref = logps / counts, ref / counts
         n = logps.shape[0] // 2
         losses, r_c, r_r = preference_loss(logps[:n], logps[n:], ref[:n], ref[n:], dpo.beta, dpo.loss)
-        sums = {"pairs": n, "loss": float(losses.detach().sum()), "accuracy": float((r_c > r_r).sum()),
-                "reward_margin": float((r_c - r_r).sum()), "rewards_chosen": float(r_c.sum()),
-                "rewards_rejected": float(r_r.sum()), "logps_chosen": float(logps[:n].detach().sum()),
-                "logps_rejected": float(logps[n:].detach().sum())}
-        return losses.mean(), sums
+        sums = {"pairs": n, "loss": losses.detach().sum(), "accuracy": (r_c > r_r).sum(),
+                "reward_margin": (r_c - r_r).sum(), "rewards_chosen": r_c.sum(), "rewards_rejected": r_r.sum(),
+                "logps_chosen": logps[:n].detach().sum(), "logps_rejected": logps[n:].detach().sum()}
+        # Float64 sums that stay on the device until a log or eval step reads them.
+        return losses.mean(), {k: v if k == "pairs" else v.double() for k, v in sums.items()}
 
     def mean_scalars(self, sums: dict[str, float], prefix: str) -> dict[str, float]:
         totals = all_reduce([sums[k] for k in DPO_SUMS], self.device)
@@ -238,6 +242,7 @@ def build(cfg: PostTrainConfig, config_yaml: str, task: Task) -> Trainer:
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     loader = ChatLoader(data.train, plan.micro_batch_size, rank, world, train.seed, seq_len, pad_id,
                         shuffle=cfg.data.shuffle, packing=cfg.data.packing, pairs=pairs)
+    model.packed_attention = cfg.data.packed_attention
 
     base_fp = base_fingerprint(model) if lora.enabled else None
     torch.manual_seed(train.seed)  # the adapters' initialisation: identical on every rank
