@@ -76,7 +76,7 @@ def test_entry_points_answer_help_and_refuse_bad_paths_before_distributed_setup(
     for args, message in (
         (["--config", "nope"], "not a config shipped with lillm (debug, dpo-debug"),
         (["--config", "debug", "--ds_config", "zero3"], "not a config shipped with lillm (zero2, zero2_cpu"),
-        (["--config", "debug", "--data.dir", str(tmp_path / "missing")], "no tokenizer.json"),
+        (["--config", "debug", "--data.dir", str(tmp_path / "missing")], "no manifest.json"),
     ):
         start = time.perf_counter()
         r = subprocess.run([str(installed), "-m", "lillm.cli", "pretrain", *args], capture_output=True, text=True,

@@ -208,7 +208,7 @@ def test_sigterm_to_the_deepspeed_command_saves_then_kill9_and_resume(data, tmp_
 def test_bad_inputs_exit_cleanly(data, full_run, tmp_path):
     run_dir, _ = full_run
     cases = [
-        (["--data.dir", str(tmp_path / "nodata")], "no tokenizer.json"),
+        (["--data.dir", str(tmp_path / "nodata")], "no manifest.json"),
         (["--train.global_batch_tokens", "1000"], "not a multiple"),
         (["--ds_config", str(tmp_path / "missing.json")], "no such file"),
     ]

@@ -36,7 +36,7 @@ from lillm.tokenizer import Tokenizer, load_tokenizer
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-SHARD_RE = re.compile(r"^(train|val)-[0-9a-f]{8}-\d{5}\.bin(\.tmp)?$")
+SHARD_RE = re.compile(r"^(train|val)-[0-9a-f]{8}-\d{5,}\.bin(\.tmp)?$")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
