@@ -107,7 +107,9 @@ def rows(w: Path) -> list[tuple[list[str], str]]:
         # generate
         (["generate", f"{w}/nope", "x"], "no such file"),
         (["generate", f"{w}/export", "x", "--temperature", ".nan"], "finite"),
-        (["generate", f"{w}/export", "x", "--top_p", "2"], "top_p"),
+        (["generate", f"{w}/export", "x", "--top_p", "2"], "top_p must be in (0, 1]"),
+        (["generate", f"{w}/export", "x", "--top_p", ".nan"], "top_p must be a finite number"),
+        (["generate", f"{w}/export", json.dumps(["x"] * 1000)], "max_batch_size"),
         (["generate", f"{w}/export", "x", "--top_k", "-1"], "top_k"),
         (["generate", f"{w}/export", "x", "--max_new_tokens", "-5"], "max_new_tokens"),
         (["generate", f"{w}/export", "x", "--tokenizer", f"{w}/other_tok"], "--force_tokenizer"),
