@@ -119,13 +119,12 @@ class Window:
 
 @dataclasses.dataclass
 class StepRecord:
-    """An optimizer step not yet agreed on: what a diagnosis needs, and its device-side loss flags."""
+    """An optimizer step not yet agreed on: what a diagnosis needs, and its losses on the device."""
 
     step: int
     lr: float
     micro: list[Any]  # the micro-batches, on the CPU
     losses: torch.Tensor  # (grad_accum,) on the device
-    finite: torch.Tensor  # (grad_accum,) bool, on the device
     tokens: int  # this rank's
 
 
@@ -246,9 +245,8 @@ class Trainer:
             value = loss.detach().double()
             step_loss = step_loss + value.nan_to_num(0.0, 0.0, 0.0) / self.plan.grad_accum  # a skipped one adds 0
             losses.append(value)
-        losses_t = torch.stack(losses)
         self.window.loss = self.window.loss + step_loss
-        self.pending.append(StepRecord(self.progress.step, lr, micro, losses_t, torch.isfinite(losses_t), tokens))
+        self.pending.append(StepRecord(self.progress.step, lr, micro, torch.stack(losses), tokens))
 
     def report_compile(self, seconds: float, graphs: int) -> None:
         """The torch.compile warm-up (the first step compiles on the host), and whether anything compiled."""
@@ -272,7 +270,7 @@ class Trainer:
         now = time.perf_counter()
         step_time = (now - self.last_agreement) / len(pending) / self.world
         head = torch.tensor([float(stop.requested()), sum(r.tokens for r in pending), step_time], dtype=torch.float64)
-        bad = torch.cat([~r.finite for r in pending]).double()  # (steps x grad_accum,)
+        bad = (~torch.cat([r.losses for r in pending]).isfinite()).double()  # (steps x grad_accum,)
         totals = torch.cat([head.to(self.device), bad])
         if dist.is_initialized():
             dist.all_reduce(totals)
@@ -294,7 +292,7 @@ class Trainer:
         self.bad_steps += count
         if self.bad_steps > self.train.max_bad_steps:
             diag = Path(self.train.run_dir) / f"nonfinite_step{record.step}_rank{self.rank}.pt"
-            finite = record.finite.tolist()
+            finite = record.losses.isfinite().tolist()
             if False in finite:
                 k = finite.index(False)
                 diag.parent.mkdir(parents=True, exist_ok=True)
