@@ -68,8 +68,9 @@ def _load_for_inference(model: str, tokenizer: str | None, device: str, dtype: s
     from lillm.tokenizer import load_tokenizer
 
     dev = resolve_device(device)
-    if tokenizer is not None and not force_tokenizer:  # checked before the weights are read
-        given, own = load_tokenizer(tokenizer), stored_tokenizer(model)
+    given = load_tokenizer(tokenizer) if tokenizer is not None else None
+    if given is not None and not force_tokenizer:  # checked before the weights are read
+        own = stored_tokenizer(model)
         if own is not None:
             same = given.encoding_fingerprint == own.encoding_fingerprint
         else:  # a run without its tokenizer directory: its checkpoint still names the fingerprint
@@ -78,8 +79,7 @@ def _load_for_inference(model: str, tokenizer: str | None, device: str, dtype: s
             raise UserError(f"{tokenizer}: not the tokenizer {model} was trained with (its token ids would "
                             "mean other text); pass --force_tokenizer true to use it anyway")
     net, tok = load_model(model)
-    if tokenizer is not None:
-        tok = load_tokenizer(tokenizer)
+    tok = given if given is not None else tok
     if tok is None:
         raise UserError(f"{model}: no tokenizer stored with the model; pass --tokenizer DIR")
     if tok.vocab_size > net.config.vocab_size:
