@@ -76,6 +76,18 @@ class Tokenizer:
         data.pop("post_processor", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
+    def token_bytes(self, size: int | None = None) -> list[int]:
+        """UTF-8 bytes each token id stands for, by id (`size` entries, default the vocabulary): the
+        denominator of bits per byte. Byte-level BPE spells every token in a 256-character alphabet, one
+        character per byte, so a token's byte count is its length; special tokens and ids past the
+        vocabulary decode to no text and count 0."""
+        special = {t.content for t in self.tok.get_added_tokens_decoder().values()}
+        counts = [0] * (size or self.vocab_size)
+        for token, i in self.tok.get_vocab(with_added_tokens=True).items():
+            if i < len(counts) and token not in special:
+                counts[i] = len(token)
+        return counts
+
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 

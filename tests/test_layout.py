@@ -12,7 +12,7 @@ from .conftest import REPO
 LAYERS = [
     ["lillm.errors", "lillm.files", "lillm.runs"],
     ["lillm.config"],
-    ["lillm.model", "lillm.tokenizer"],
+    ["lillm.model", "lillm.tokenizer", "lillm.scoring"],
     ["lillm.lora", "lillm.generate", "lillm.hf", "lillm.data"],
     ["lillm.loading", "lillm.chat"],
     ["lillm.train"],

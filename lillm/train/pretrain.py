@@ -20,6 +20,7 @@ from lillm.data.prepare import read_manifest
 from lillm.errors import UserError
 from lillm.generate import SamplingConfig, generate
 from lillm.model import LilLM
+from lillm.scoring import Score, byte_table, score_windows
 from lillm.tokenizer import Tokenizer, load_tokenizer
 from lillm.train.checkpoint import Checkpoint
 from lillm.train.config import BatchPlan, DataConfig, TrainConfig, new_parser, parse, plan_batches, resolve_seq_len
@@ -68,6 +69,7 @@ class LanguageModeling(Objective):
         self.has_validation = int(val_shards.tokens.sum()) > plan.seq_len
         self.flops_per_token = model_cfg.flops_per_token(plan.seq_len)
         self.normalizer = plan.micro_batch_size * plan.seq_len  # every window is full: the micro-batch mean
+        self.byte_table = byte_table(tokenizer.token_bytes(model_cfg.vocab_size), device)
 
     def num_tokens(self, batch: torch.Tensor) -> int:
         return batch[:, :-1].numel()
@@ -79,14 +81,13 @@ class LanguageModeling(Objective):
         return {"train/epoch": self.loader.epoch}
 
     def evaluate(self, engine: Any) -> dict[str, float]:
-        total, count = 0.0, 0
+        """Mean loss, perplexity and bits per byte over the fixed validation windows (summed over ranks)."""
+        score = Score()
         for batch in validation_windows(self.val_shards, self.plan.seq_len, self.plan.micro_batch_size,
                                         self.train.eval_batches, self.rank, self.world):
-            batch = batch.to(self.device)
-            total += float(token_loss(engine(batch[:, :-1]), batch[:, 1:], 1.0))
-            count += batch[:, 1:].numel()
-        total, count = all_reduce([total, count], self.device)
-        return {"val/loss": total / count, "val/perplexity": perplexity(total / count)}
+            score += score_windows(engine, batch.to(self.device), self.byte_table)
+        total = Score(*all_reduce([score.nats, score.tokens, score.bytes], self.device))
+        return {"val/loss": total.loss, "val/perplexity": perplexity(total.loss), "val/bpb": total.bits_per_byte}
 
     def sample(self, model: LilLM) -> str:
         prompt = self.train.sample_prompt
