@@ -142,7 +142,7 @@ def train_tokenizer(
     """Train a byte-level BPE tokenizer with lillm's special tokens and chat template.
 
     Args:
-        source: 'pydoc' (built-in corpus), 'hf:NAME' (a Hugging Face dataset), or a file, folder or glob.
+        source: 'pydoc' or 'stdlib' (built-in corpora), 'hf:NAME' (a Hugging Face dataset), or a file, folder or glob.
         out: Directory to write (tokenizer.json and the files transformers' AutoTokenizer reads).
         vocab_size: Vocabulary size, special tokens included.
         sample_every: Train on every n-th document only (the reference used 0.1% of OpenWebText: 1000).
@@ -194,7 +194,7 @@ def prepare(
     """Tokenize a text source into binary token shards with a manifest, in parallel.
 
     Args:
-        source: 'pydoc' (built-in corpus), 'hf:NAME' (a Hugging Face dataset), or a file, folder or glob.
+        source: 'pydoc' or 'stdlib' (built-in corpora), 'hf:NAME' (a Hugging Face dataset), or a file, folder or glob.
         tokenizer: Tokenizer directory (from `lillm train-tokenizer`).
         out: Output directory for the shards, manifest.json and a copy of the tokenizer.
         shard_tokens: Tokens per shard file (the last one of each split is shorter).
