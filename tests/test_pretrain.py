@@ -25,7 +25,10 @@ def _args(data: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
             "--data.dir", str(data), "--train.run_dir", str(run_dir), "--model.vocab_size", "1024",
             "--train.max_steps", str(steps), "--train.log_interval", "1", "--train.eval_interval", "6",
             "--train.eval_batches", "2", "--train.sample_tokens", "8", "--train.ckpt_interval", "6",
-            "--train.warmup_steps", "4", "--train.micro_batch_size", "4", "--train.seq_len", "64", *extra]
+            "--train.warmup_steps", "4", "--train.micro_batch_size", "4", "--train.seq_len", "64",
+            # AdamW here (DeepSpeed's universal format on a world-size change); Muon: tests/test_muon.py
+            "--train.optimizer", "adamw", "--train.grad_clip", "1.0", "--train.lr", "3e-3", "--train.min_lr", "3e-4",
+            *extra]
 
 
 def launch(data, run_dir, steps, *extra, ranks=2, timeout=600) -> subprocess.CompletedProcess:
@@ -73,7 +76,7 @@ def test_tensorboard_scalars_read_back(full_run):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     for tag in ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/step_time_s",
-                "perf/data_wait_frac", "val/loss", "val/perplexity"):
+                "perf/data_wait_frac", "val/loss", "val/perplexity", "val/bpb"):
         assert tag in tags, tag
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 13))
     assert [e.step for e in acc.Scalars("val/loss")] == [6, 12]
@@ -111,6 +114,8 @@ def test_resume_on_one_rank_from_two_rank_checkpoint(full_run, data, tmp_path):
     assert sorted(got) == list(range(7, 13))
     for s in got:
         assert got[s] == pytest.approx(ref[s], abs=1e-5)
+    # Validation is the same windows at any world size: bits per byte agree on 1 and 2 ranks.
+    assert metrics(one, "val/bpb")[12] == pytest.approx(metrics(run_dir, "val/bpb")[12], abs=1e-5)
     r = run_cli("checkpoint", str(one))
     assert r.returncode == 0 and "saved by 1 rank(s)" in r.stdout
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lillm import LilLM, ModelConfig
 from lillm.errors import UserError
 from lillm.runs import resolve_checkpoint
 from lillm.train.checkpoint import Checkpoint
@@ -106,8 +107,8 @@ def test_every_shipped_yaml_parses(path):
 
 
 def test_cli_overrides_and_invalid_values():
-    cfg, _ = parse_config(["--config", str(REPO / "launch/configs/debug.yaml"), "--train.lr", "3e-4"])
-    assert cfg.train.lr == 3e-4
+    cfg, _ = parse_config(["--config", str(REPO / "launch/configs/debug.yaml"), "--train.lr", "7e-3"])
+    assert cfg.train.lr == 7e-3
     with pytest.raises((UserError, SystemExit)):
         parse_config(["--config", str(REPO / "launch/configs/debug.yaml"), "--model.n_heads", "3"])
 
@@ -221,3 +222,55 @@ def test_2xa100_launcher_environment(tmp_path):
     assert ("ARGS --num_gpus 2 launch/pretrain.py --ds_config ds_configs/zero2.json --config "
             "launch/configs/lil-39m-2xa100.yaml --train.lr 3e-4") in lines
     assert "TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in lines and not any(x.startswith("NCCL_P2P_LEVEL") for x in lines)
+
+
+def test_muon_fills_the_ds_config_and_refuses_what_would_mislead():
+    train = TrainConfig(micro_batch_size=4, max_steps=10, lr=6e-3, optimizer="muon", muon_lr=0.03, grad_clip=0.0)
+    plan = plan_batches(train, 128, 2)
+    cfg = fill_ds_config(load_ds_config(REPO / "ds_configs/zero2_cpu.json"), train, plan)
+    assert cfg["optimizer"]["type"] == "Muon" and cfg["gradient_clipping"] == 0.0
+    assert cfg["optimizer"]["params"] == {"lr": 6e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1,
+                                          "muon_lr": 0.03, "momentum": 0.95}
+    with pytest.raises(UserError, match="optimizer type 'AdamW' conflicts with train.optimizer=muon"):
+        fill_ds_config({"optimizer": {"type": "AdamW"}}, train, plan)
+    adamw = TrainConfig(micro_batch_size=4, max_steps=10)
+    with pytest.raises(UserError, match="optimizer type 'Muon' conflicts with train.optimizer=adamw"):
+        fill_ds_config({"optimizer": {"type": "Muon"}}, adamw, plan_batches(adamw, 128, 2))
+    assert fill_ds_config({}, adamw, plan_batches(adamw, 128, 2))["optimizer"]["type"] == "AdamW"
+    with pytest.raises(ValueError, match="grad_clip=1.0 with optimizer muon: set train.grad_clip 0"):
+        TrainConfig(max_steps=1, optimizer="muon")
+    with pytest.raises(ValueError, match="muon_momentum"):
+        TrainConfig(max_steps=1, optimizer="muon", grad_clip=0.0, muon_momentum=1.0)
+
+
+def test_muon_groups_and_their_learning_rate_follow_the_schedule():
+    from lillm.train.engine import is_muon_matrix, param_groups
+    from lillm.train.schedule import apply_lr, lr_at
+
+    model = LilLM(ModelConfig.from_preset("debug", vocab_size=512))
+    muon, decay, no_decay = param_groups(model, 0.1, 0.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)].rsplit(".", 2)[-2] for p in muon["params"]} == {"wq", "wk", "wv", "wo", "w1", "w2", "w3"}
+    assert [names[id(p)] for p in decay["params"]] == ["tok_embeddings.weight"]  # tied: the output head too
+    assert all(p.dim() == 1 for p in no_decay["params"]) and (muon["weight_decay"], decay["weight_decay"]) == (0.0, 0.1)
+    assert len(param_groups(model, 0.1)) == 2  # adamw: no Muon group
+    assert not is_muon_matrix("output.weight", model.output.weight)
+
+    class Optimizer:
+        param_groups = [{"use_muon": True, "lr": 0.0}, {"use_muon": False, "lr": 0.0}, {"lr": 0.0}]
+
+    train = TrainConfig(max_steps=100, lr=6e-3, min_lr=6e-4, muon_lr=0.02, warmup_steps=10, optimizer="muon",
+                        grad_clip=0.0)
+    for step in (0, 5, 50, 99):
+        lr = apply_lr(Optimizer, step, train, 100)
+        assert lr == lr_at(step, lr=6e-3, min_lr=6e-4, warmup_steps=10, max_steps=100, schedule="cosine")
+        assert Optimizer.param_groups[0]["lr"] == pytest.approx(lr * 0.02 / 6e-3, rel=1e-12)
+        assert Optimizer.param_groups[1]["lr"] == Optimizer.param_groups[2]["lr"] == lr
+
+
+def test_a_checkpoint_of_another_optimizer_is_refused(tmp_path):
+    from lillm.train.checkpoint import check_compatible
+
+    meta = {**IDENTITY, "train_config": {"optimizer": "adamw"}, "world_size": 1}
+    with pytest.raises(UserError, match="trained with optimizer adamw, this run uses muon"):
+        check_compatible(meta, tmp_path, {**IDENTITY, "train_config": {"optimizer": "muon"}}, 1)

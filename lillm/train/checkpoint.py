@@ -41,6 +41,7 @@ from lillm.runs import (
     resolve_checkpoint,
     tag_for,
 )
+from lillm.train.reshard import full_states, load_full_states
 
 
 class Stateful(Protocol):
@@ -99,6 +100,11 @@ def check_compatible(meta: dict[str, Any], tag_dir: Path, identity: dict[str, An
         raise UserError(f"cannot resume {tag_dir}: it was trained with another model config (saved, now): {diff}")
     if meta["tokenizer_fingerprint"] != identity["tokenizer_fingerprint"]:
         raise UserError(f"cannot resume {tag_dir}: it was trained with another tokenizer")
+    saved_opt = meta.get("train_config", {}).get("optimizer", "adamw")
+    now_opt = identity.get("train_config", {}).get("optimizer", "adamw")
+    if saved_opt != now_opt:
+        raise UserError(f"cannot resume {tag_dir}: it was trained with optimizer {saved_opt}, this run uses {now_opt} "
+                        f"(set train.optimizer {saved_opt}, or start a new train.run_dir)")
     saved, objective = meta.get("objective", "pretrain"), identity["objective"]
     if saved != objective:
         raise UserError(f"cannot resume {tag_dir}: it is a {saved} checkpoint, this is a {objective} run (start a "
@@ -136,6 +142,7 @@ class Checkpoint:
         self.resume_from: Path | None = None
         self._load_dir: Path | None = None
         self._saved_world = world_size
+        self._reshard = False  # a Muon checkpoint of another world size: re-partitioned by lillm.train.reshard
         if rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
 
@@ -160,7 +167,11 @@ class Checkpoint:
         meta = read_meta(tag_dir)
         check_compatible(meta, tag_dir, self.identity, self.world_size)
         self.resume_from, self._load_dir, self._saved_world = tag_dir, tag_dir, meta["world_size"]
-        if self._saved_world != self.world_size:
+        if self._saved_world != self.world_size and meta.get("train_config", {}).get("optimizer") == "muon":
+            log.info(f"resuming a {self._saved_world}-rank checkpoint on {self.world_size} ranks: re-partitioning "
+                     f"its Muon and AdamW states")
+            self._reshard = True
+        elif self._saved_world != self.world_size:
             log.info(f"resuming a {self._saved_world}-rank checkpoint on {self.world_size} ranks: converting "
                      f"{tag_dir.name} to DeepSpeed's universal format")
             if self.rank == 0:
@@ -182,9 +193,12 @@ class Checkpoint:
         tag_dir = self._load_dir
         load_path, client = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
                                                         load_lr_scheduler_states=False,
-                                                        load_module_strict=not self.frozen_base)
+                                                        load_module_strict=not self.frozen_base,
+                                                        load_module_only=self._reshard)
         if load_path is None:
             raise UserError(f"DeepSpeed could not load checkpoint {tag_dir}")
+        if self._reshard:
+            load_full_states(self.engine.optimizer, self.engine.module, full_states(tag_dir))
         saved = client["lillm"]
         if "progress" not in saved and "step" in saved:  # written before the states were registered by name
             saved = {"progress": {"step": saved["step"], "tokens_seen": saved.get("tokens_seen", 0)},

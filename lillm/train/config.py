@@ -47,8 +47,18 @@ class TrainConfig:
     """Optimizer steps to train; 0 derives them from max_tokens."""
     max_tokens: int = 0
     """Token budget, used when max_steps is 0."""
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """'adamw': AdamW for every parameter. 'muon': DeepSpeed's ZeRO Muon for the blocks' matrices (attention
+    and feed-forward projections, orthogonalised momentum) and AdamW at `lr` for the rest (embedding, tied
+    output, norms); needs grad_clip 0."""
     lr: float = 6e-4
-    """Peak learning rate (AdamW)."""
+    """Peak learning rate of AdamW (with optimizer muon: of the embedding, output and norms)."""
+    muon_lr: float = 0.02
+    """With optimizer muon: peak learning rate of the blocks' matrices; the schedule scales it like lr."""
+    muon_momentum: float = 0.95
+    """With optimizer muon: Muon's (Nesterov) momentum."""
+    muon_weight_decay: float = 0.0
+    """With optimizer muon: decoupled weight decay of the Muon matrices (per step, p -= lr x wd x p)."""
     min_lr: float = 6e-5
     """Learning rate at the end of the decay."""
     warmup_steps: int = 2000
@@ -111,8 +121,15 @@ class TrainConfig:
             problems.append(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr} min_lr={self.min_lr}")
         if not 0 < self.decay_fraction <= 1:
             problems.append(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            problems.append("grad_clip and weight_decay must be >= 0")
+        if self.grad_clip < 0 or self.weight_decay < 0 or self.muon_weight_decay < 0:
+            problems.append("grad_clip, weight_decay and muon_weight_decay must be >= 0")
+        if self.muon_lr <= 0 or not 0 <= self.muon_momentum < 1:
+            problems.append(f"need muon_lr > 0 and 0 <= muon_momentum < 1, got muon_lr={self.muon_lr} "
+                            f"muon_momentum={self.muon_momentum}")
+        if self.optimizer == "muon" and self.grad_clip:
+            problems.append(f"grad_clip={self.grad_clip} with optimizer muon: set train.grad_clip 0 (DeepSpeed's "
+                            "ZeRO Muon clips the orthogonalised updates together with the gradients, which "
+                            "would shrink every step by the number of matrices)")
         existing = Path(self.run_dir)
         while not existing.exists() and existing != existing.parent:
             existing = existing.parent

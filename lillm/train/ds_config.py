@@ -41,6 +41,10 @@ ZERO_KEYS = {
 }
 
 
+OPTIMIZER_TYPES = {"adamw": "AdamW", "muon": "Muon"}
+"""DeepSpeed's optimizer type for each train.optimizer."""
+
+
 def resolve_ds_config(value: str) -> str:
     """The ds_config file to use: a path, the name of a shipped one (`zero2`), or 'auto': the file of
     `accelerate launch`'s DeepSpeed plugin (its deepspeed_config_file) when launched by it, else zero2 (bf16)
@@ -91,15 +95,25 @@ def fill_ds_config(raw: dict[str, Any], train: TrainConfig, plan: BatchPlan, sou
     _fill(cfg, "gradient_accumulation_steps", plan.grad_accum, "")
     _fill(cfg, "train_batch_size", plan.micro_batch_size * plan.grad_accum * plan.world_size, "")
     _fill(cfg, "gradient_clipping", train.grad_clip, "")
-    opt = cfg.setdefault("optimizer", {"type": "AdamW"})
-    if str(opt.get("type", "")).lower() not in ("adamw", "adam"):
-        raise UserError(f"ds_config {source}: optimizer type {opt.get('type')!r}; lillm trains with AdamW")
+    opt = cfg.setdefault("optimizer", {"type": "auto"})
+    kind = str(opt.get("type", "auto")).lower()
+    if kind == "auto":
+        opt["type"], kind = OPTIMIZER_TYPES[train.optimizer], train.optimizer
+    if kind not in ("adamw", "adam", "muon"):
+        raise UserError(f"ds_config {source}: optimizer type {opt.get('type')!r}; lillm trains with AdamW or Muon")
+    if (kind == "muon") != (train.optimizer == "muon"):
+        raise UserError(f"ds_config {source}: optimizer type {opt['type']!r} conflicts with train.optimizer="
+                        f"{train.optimizer}; set it to \"auto\"")
     params = opt.setdefault("params", {})
     for key, value in (("lr", train.lr), ("betas", list(train.betas)), ("eps", train.eps),
                        ("weight_decay", train.weight_decay)):
         _fill(params, key, value, "optimizer.params.")
-    if opt["type"].lower() == "adam":
+    if kind == "adam":
         params.setdefault("adam_w_mode", True)
+    if kind == "muon":
+        # The Muon half reads muon_lr and momentum; the auxiliary AdamW half lr, betas, eps, weight_decay.
+        for key, value in (("muon_lr", train.muon_lr), ("momentum", train.muon_momentum)):
+            _fill(params, key, value, "optimizer.params.")
     cfg.setdefault("steps_per_print", 10**9)  # lillm logs; keep DeepSpeed's own step lines out of the console
     return cfg
 

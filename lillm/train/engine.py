@@ -156,23 +156,85 @@ def local_device(local_rank: int) -> torch.device:
     return device
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices (embeddings, projections, adapters), none on norm weights; frozen ones left out."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.dim() >= 2]
-    no_decay = [p for p in trainable if p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def param_groups(model: nn.Module, weight_decay: float, muon_weight_decay: float | None = None
+                 ) -> list[dict[str, Any]]:
+    """Weight decay on matrices (embeddings, projections, adapters), none on norm weights; frozen ones left out.
+    With `muon_weight_decay` (optimizer muon), the Muon matrices (`is_muon_matrix`) form a group of their own
+    with that decay."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    muon = [p for n, p in trainable if muon_weight_decay is not None and is_muon_matrix(n, p)]
+    decay = [p for n, p in trainable if p.dim() >= 2 and not any(p is q for q in muon)]
+    no_decay = [p for n, p in trainable if p.dim() < 2]
+    groups = [{"params": muon, "weight_decay": muon_weight_decay}] if muon else []
+    return groups + [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def is_muon_matrix(name: str, param: torch.Tensor) -> bool:
+    """Whether Muon trains this parameter: a matrix of the transformer blocks (attention and feed-forward
+    projections, and LoRA adapters on them); the token embedding, the output head and norms stay on AdamW,
+    as in Muon's design (it orthogonalises updates of hidden linear maps)."""
+    return param.dim() == 2 and name.startswith("layers.")
+
+
+def check_muon_tags(model: nn.Module, optimizer: Any) -> None:
+    """After `deepspeed.initialize` with optimizer Muon: the engine runs DeepSpeed's MuonWithAuxAdam, its
+    Muon groups hold exactly lillm's Muon matrices (DeepSpeed tags parameters by name), and the rest is in
+    AdamW groups. Anything else is refused: a silent fallback would train another recipe than the one asked."""
+    from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if not isinstance(inner, MuonWithAuxAdam):
+        raise UserError(f"train.optimizer muon: DeepSpeed built {type(inner).__name__}, not MuonWithAuxAdam")
+    wrong = [n for n, p in model.named_parameters()
+             if p.requires_grad and bool(getattr(p, "use_muon", False)) != is_muon_matrix(n, p)]
+    if wrong:
+        raise UserError(f"train.optimizer muon: DeepSpeed tagged {', '.join(wrong[:4])} differently from lillm "
+                        "(Muon trains the blocks' matrices only); an untied output head is tagged by name as a "
+                        "matrix: use model.tie_embeddings true")
+    if not any(g.get("use_muon") for g in inner.param_groups):
+        raise UserError("train.optimizer muon: no parameter group is trained by Muon")
+
+
+def optimizer_summary(model: nn.Module, train: Any) -> str:
+    """The optimizer in a few words, for the start-up line: which parameters Muon trains, at what peak lr."""
+    if train.optimizer != "muon":
+        return f"AdamW (lr {train.lr:g})"
+    muon = [p for p in model.parameters() if p.requires_grad and getattr(p, "use_muon", False)]
+    rest = [p for p in model.parameters() if p.requires_grad and not getattr(p, "use_muon", False)]
+    return (f"Muon for {len(muon)} matrices ({sum(p.numel() for p in muon):,} weights, lr {train.muon_lr:g}) + "
+            f"AdamW for {len(rest)} tensors (lr {train.lr:g})")
+
+
+def eager_muon_update() -> None:
+    """Run DeepSpeed's Muon update (momentum + Newton-Schulz) eagerly instead of through torch.compile.
+
+    DeepSpeed wraps it in torch.compile, which costs about 30 s of compilation per process and shape on a
+    CPU, where the update is a few small matmuls that the compiler does not speed up; with train.compile
+    off (the CPU default) lillm compiles nothing, the Muon update included. The ZeRO optimizer imports the
+    function from its module at every step, so replacing the module attribute is enough."""
+    from deepspeed.runtime.zero.muon import original_muon
+
+    original_muon.muon_update = getattr(original_muon.muon_update, "_torchdynamo_orig_callable",
+                                        original_muon.muon_update)
 
 
 def build_optimizer(ds_cfg: dict[str, Any], groups: list[dict[str, Any]], device: torch.device):
-    """torch's AdamW, built here from the (filled) ds_config "optimizer" section, which is then removed.
+    """torch's AdamW, built here from the (filled) ds_config "optimizer" section, which is then removed; None
+    where DeepSpeed builds the optimizer from that section (Muon, optimizer offload).
 
     Why not DeepSpeed's own FusedAdam/CPU Adam: it keeps beta^t as a running product and recomputes it with
     pow() after a resume, which differs in the last bit, so a resumed run drifts from the uninterrupted one.
     torch's AdamW derives the bias correction from the step count alone: resumes are bit-identical. With
-    optimizer offload, ZeRO needs DeepSpeed's CPU Adam, so the JSON's optimizer is left to DeepSpeed.
+    optimizer offload, ZeRO needs DeepSpeed's CPU Adam, so the JSON's optimizer is left to DeepSpeed. Muon
+    must be DeepSpeed's (ZeRO-2 orthogonalises each matrix's whole gradient before partitioning it, which a
+    client optimizer, seeing flat partitions, cannot); its auxiliary Adam is torch's AdamW (`torch_adam`)
+    for the same exact resume, except under offload, where ZeRO requires DeepSpeed's CPU Adam.
     """
     offload = ds_cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if ds_cfg["optimizer"]["type"].lower() == "muon":
+        if offload in (None, "none"):
+            ds_cfg["optimizer"]["params"]["torch_adam"] = True
+        return None
     if offload not in (None, "none"):
         return None
     params = ds_cfg.pop("optimizer")["params"]
@@ -211,10 +273,18 @@ def initialize_engine(model: nn.Module, ds_cfg: dict[str, Any], groups: list[dic
 
 def build_engine(model: nn.Module, train: Any, ds_cfg: dict[str, Any], ds_path: str,
                  device: torch.device) -> tuple[Any, Any]:
-    """The model under a DeepSpeed engine as `train` asks: activation checkpointing, AdamW groups, compile."""
+    """The model under a DeepSpeed engine as `train` asks: activation checkpointing, AdamW (or Muon and AdamW)
+    groups, compile."""
     model.activation_checkpointing = train.activation_checkpointing
-    engine, optimizer = initialize_engine(model, ds_cfg, param_groups(model, train.weight_decay), device, ds_path)
-    if train.compile if train.compile is not None else device.type == "cuda":
+    muon = train.optimizer == "muon"
+    groups = param_groups(model, train.weight_decay, train.muon_weight_decay if muon else None)
+    compile_ = train.compile if train.compile is not None else device.type == "cuda"
+    if muon and not compile_:
+        eager_muon_update()
+    engine, optimizer = initialize_engine(model, ds_cfg, groups, device, ds_path)
+    if muon:
+        check_muon_tags(model, optimizer)
+    if compile_:
         import torch._dynamo
 
         torch._dynamo.config.suppress_errors = True  # a graph that fails to compile runs eagerly, with a warning

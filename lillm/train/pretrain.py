@@ -25,7 +25,14 @@ from lillm.tokenizer import Tokenizer, load_tokenizer
 from lillm.train.checkpoint import Checkpoint
 from lillm.train.config import BatchPlan, DataConfig, TrainConfig, new_parser, parse, plan_batches, resolve_seq_len
 from lillm.train.ds_config import fill_ds_config, load_ds_config, precision, resolve_ds_config
-from lillm.train.engine import all_reduce, build_engine, launched_world_size, run_script, start_process
+from lillm.train.engine import (
+    all_reduce,
+    build_engine,
+    launched_world_size,
+    optimizer_summary,
+    run_script,
+    start_process,
+)
 from lillm.train.loop import Objective, Trainer, perplexity
 from lillm.train.loss import token_loss
 
@@ -139,7 +146,8 @@ def build(cfg: RunConfig, config_yaml: str) -> Trainer:
     trainer.start(config_yaml, ds_cfg, tokenizer)
     log.info(
         f"lillm pretraining: {model.num_params():,} parameters, {world} rank(s) on {device.type}, "
-        f"{trainer.precision}, ZeRO stage {ds_cfg.get('zero_optimization', {}).get('stage', 0)}; micro batch "
+        f"{trainer.precision}, ZeRO stage {ds_cfg.get('zero_optimization', {}).get('stage', 0)}, "
+        f"{optimizer_summary(model, train)}; micro batch "
         f"{plan.micro_batch_size} x seq {plan.seq_len} x accum {plan.grad_accum} x {world} = "
         f"{plan.tokens_per_step:,} tokens/step; {plan.max_steps:,} steps "
         f"({plan.max_steps * plan.tokens_per_step:,} tokens); {loader.num_windows:,} windows per epoch; data "
