@@ -1,25 +1,30 @@
-"""Learning benchmark: does lillm's training path learn as well as the reference recipe, at equal tokens?
+"""Learning benchmark: how many tokens does lillm need to reach the loss of the best-tuned reference recipe?
 
-    .venv/bin/python benchmarks/learning.py                          # debug + wide, seeds 1 2
-    .venv/bin/python benchmarks/learning.py --shapes debug --seeds 1  # one pair
+    .venv/bin/python benchmarks/learning.py                         # d128, d256, d512; sweeps, then seed 2
+    .venv/bin/python benchmarks/learning.py --widths d128 --seeds 1  # one width, the sweep only
+    .venv/bin/python benchmarks/learning.py --quick                  # seconds: the smoke test's path
 
-On 2 cores the full run took 70 minutes (other work sharing the cores); one debug pair 13-16 minutes.
+Three arms, trained on the same single-pass corpus (the built-in `stdlib` source: every .py file of the
+standard library, 9.1M train tokens with a 4096-token BPE; no run reads a window twice) at equal tokens:
+- reference: the recipe of the "little language model" project (a nanoGPT-derived loop) in plain PyTorch:
+  windows in random order, fan-in init with small residual writes, torch AdamW defaults (betas 0.9/0.999,
+  weight decay 0.01 on every parameter), clipping 1.0, warmup an eighth of the steps, cosine to lr / 10.
+  It trains the same `LilLM` module, so only the recipe differs.
+- lillm-muon, the shipped default: `python launch/pretrain.py` on one rank (DeepSpeed ZeRO-2, fp32, lillm's
+  loader) with the training section of `launch/configs/debug.yaml` (optimizer muon: DeepSpeed's ZeRO Muon for
+  the blocks' matrices, AdamW for the tied embedding and norms), its warmup and final lr at the same fractions
+  of the run and of the peak; the sweep scales `--train.lr`, `--train.min_lr` and `--train.muon_lr` together.
+- lillm-adamw: the same path and config with optimizer adamw (clipping 1.0), its lr swept.
 
-Two arms per (shape, seed), the same corpus and token budget:
-- lillm: `python launch/pretrain.py` (one rank: the DeepSpeed ZeRO-2 engine, fp32, and lillm's streaming
-  loader), with the training section of the shipped `launch/configs/debug.yaml` (lr, warmup, schedule,
-  betas, weight decay) and lillm's own initialisation; only the shape and the budget are set here.
-- reference: the recipe of the "little language model" project (a nanoGPT-derived loop), written out below
-  in plain PyTorch: random-offset windows from the concatenated train tokens, fan-in-scaled init with small
-  residual projections, torch AdamW defaults (betas 0.9/0.999, weight decay 0.01 on every parameter),
-  clipping 1.0, lr 2e-3 with 30 warmup steps and cosine to 2e-4 at the last step. It trains the same
-  `LilLM` module (same architecture, so only the recipe differs; with equal initial weights the project's
-  own model and lillm's learn alike: 5.17 vs 5.18 train loss after 80 steps, measured when this was filed).
+Every arm gets its own best learning rate: at each width a sweep (seed 1, factors of 2) that must bracket
+the optimum, extended by one point when the best sits at an end; then the best value of each arm runs with
+the other seeds. Every model is scored by one function: loss and bits per byte over the first VAL_WINDOWS
+windows of the val split, and its curve every eighth of the run on the first CURVE_WINDOWS.
+Tokens-to-target: the fraction of the reference's tokens after which lillm's curve (linearly interpolated)
+first reaches the reference's final curve loss, per seed, then averaged.
 
-Both final models are scored by one function: mean cross-entropy over the whole val split (consecutive
-windows) and over 64 fixed train windows. Prints a markdown table (mean and spread over seeds) and writes
-benchmarks/results/learning-<host>.json. The corpus is the built-in one, prepared as the quickstart does
-(data/pydoc, tokenizer vocab 4096); it is made here when missing.
+Results: a markdown table on stdout and benchmarks/results/learning-<host>.json; each run's row is kept in
+--cache (default benchmarks/results/learning-runs/), so an interrupted benchmark resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -46,29 +51,40 @@ sys.path.insert(0, str(REPO))
 
 from lillm import LilLM, ModelConfig  # noqa: E402
 from lillm.data.loader import ShardSet  # noqa: E402
+from lillm.scoring import Score, byte_table, score_windows  # noqa: E402
+from lillm.tokenizer import load_tokenizer  # noqa: E402
 from lillm.train.schedule import lr_at  # noqa: E402
 
-MICRO_BATCH, GRAD_ACCUM, SEQ_LEN = 8, 4, 256  # 8,192 tokens per optimizer step, one rank
-COMMON = dict(vocab_size=4096, max_seq_len=SEQ_LEN, max_batch_size=MICRO_BATCH)
-SHAPES = {
-    # The quickstart's model (1.3M parameters with vocab 4096).
-    "debug": dict(model=dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=32), steps=240),
-    # 1.5x as wide and as deep (3.2M parameters); half the steps, to fit the CPU budget.
-    "wide": dict(model=dict(d_model=192, n_layers=6, n_heads=6, n_kv_heads=3, multiple_of=64), steps=120),
+MICRO_BATCH, GRAD_ACCUM, SEQ_LEN = 8, 2, 256  # 4,096 tokens per optimizer step, one rank
+VOCAB = 4096
+VAL_WINDOWS, CURVE_WINDOWS, CURVE_POINTS = 384, 64, 8
+WIDTHS = {
+    # Depth 2 and head_dim 32 at every width (lil-39m's head_dim), so that the ladder varies width alone.
+    "d128": dict(model=dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32), steps=200),
+    "d256": dict(model=dict(d_model=256, n_layers=2, n_heads=8, n_kv_heads=4, multiple_of=32), steps=120),
+    "d512": dict(model=dict(d_model=512, n_layers=2, n_heads=16, n_kv_heads=8, multiple_of=128), steps=64),
 }
-REFERENCE = dict(lr=2e-3, min_lr=2e-4, warmup_steps=30, weight_decay=0.01, grad_clip=1.0)
+ARMS = ("reference", "lillm-adamw", "lillm-muon")
+# The sweep's starting points (learning rate, or for lillm-muon the factor on debug.yaml's lr and muon_lr).
+GRIDS = {
+    "reference": {"d128": [4e-3, 8e-3, 1.6e-2, 3.2e-2], "d256": [4e-3, 8e-3, 1.6e-2], "d512": [2e-3, 4e-3, 8e-3]},
+    "lillm-adamw": {"d128": [8e-3, 1.6e-2, 3.2e-2], "d256": [4e-3, 8e-3, 1.6e-2], "d512": [2e-3, 4e-3, 8e-3]},
+    "lillm-muon": {"d128": [0.5, 1.0, 2.0], "d256": [0.5, 1.0, 2.0], "d512": [0.5, 1.0, 2.0]},
+}
+REFERENCE = dict(min_lr_ratio=0.1, weight_decay=0.01, grad_clip=1.0, warmup_fraction=1 / 8)
 
 
-def ensure_data(data_dir: Path) -> None:
-    """The quickstart's data: a 4096-token BPE on the built-in corpus, 2% held out by content hash."""
+def ensure_data(data_dir: Path, source: str = "stdlib", val_fraction: float = 0.03) -> None:
+    """The benchmark corpus: a 4096-token BPE on `source`, val_fraction of its documents held out by hash."""
     if (data_dir / "manifest.json").is_file():
         return
     tok_dir = data_dir.with_name(data_dir.name + ".tokenizer")
     cli = [sys.executable, "-m", "lillm.cli"]
     if not (tok_dir / "tokenizer.json").is_file():
-        subprocess.run([*cli, "train-tokenizer", "pydoc", str(tok_dir), "--vocab_size", "4096"], check=True, cwd=REPO)
-    subprocess.run([*cli, "prepare", "pydoc", str(tok_dir), str(data_dir), "--shard_tokens", "262144",
-                    "--val_fraction", "0.02"], check=True, cwd=REPO)
+        subprocess.run([*cli, "train-tokenizer", source, str(tok_dir), "--vocab_size", str(VOCAB)], check=True,
+                       cwd=REPO)
+    subprocess.run([*cli, "prepare", source, str(tok_dir), str(data_dir), "--shard_tokens", "1048576",
+                    "--val_fraction", str(val_fraction)], check=True, cwd=REPO)
 
 
 def split_tokens(data_dir: Path, split: str) -> np.ndarray:
@@ -77,23 +93,19 @@ def split_tokens(data_dir: Path, split: str) -> np.ndarray:
     return np.concatenate([np.asarray(m, dtype=np.int64) for m in shards.maps()])
 
 
-@torch.no_grad()
-def score(model: nn.Module, tokens: np.ndarray, seq_len: int, max_windows: int | None = None,
-          batch_size: int = 16) -> float:
-    """Mean next-token cross-entropy over windows of seq_len + 1 tokens at stride seq_len: all of them, or
-    `max_windows` spread evenly over the array. The one scoring function of both arms."""
-    n = (len(tokens) - 1) // seq_len
-    starts = np.arange(n) * seq_len
-    if max_windows is not None and max_windows < n:
-        starts = starts[np.linspace(0, n - 1, max_windows).astype(np.int64)]
+def windows(tokens: np.ndarray, count: int) -> torch.Tensor:
+    """The first `count` windows of seq_len + 1 tokens at stride seq_len: the layout of lillm's validation."""
+    count = min(count, (len(tokens) - 1) // SEQ_LEN)
+    return torch.from_numpy(np.stack([tokens[i * SEQ_LEN : i * SEQ_LEN + SEQ_LEN + 1] for i in range(count)]))
+
+
+def score(model: nn.Module, batch: torch.Tensor, table: torch.Tensor) -> Score:
+    """The one scoring function of every arm: summed loss and bytes over `batch`'s windows, 16 at a time."""
     model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(starts), batch_size):
-        x = torch.from_numpy(np.stack([tokens[s : s + seq_len + 1] for s in starts[i : i + batch_size]]))
-        logits = model(x[:, :-1])
-        total += float(F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten(), reduction="sum"))
-        count += x[:, 1:].numel()
-    return total / count
+    total = Score()
+    for i in range(0, len(batch), 16):
+        total += score_windows(model, batch[i : i + 16], table)
+    return total
 
 
 def reference_init(model: LilLM) -> None:
@@ -108,146 +120,270 @@ def reference_init(model: LilLM) -> None:
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * model.config.n_layers))
 
 
-def reference_run(model_cfg: ModelConfig, train_tokens: np.ndarray, steps: int, seed: int,
-                  log_every: int = 40) -> LilLM:
-    """The reference training loop (nanoGPT-style), fp32."""
+def curve_steps(steps: int) -> list[int]:
+    """The steps at which curves are scored: every eighth of the run, the last step included."""
+    return sorted({max(1, round(steps * k / CURVE_POINTS)) for k in range(1, CURVE_POINTS + 1)})
+
+
+def reference_run(model_cfg: ModelConfig, train_tokens: np.ndarray, steps: int, seed: int, lr: float,
+                  curve_batch: torch.Tensor, table: torch.Tensor) -> tuple[LilLM, list[list[float]]]:
+    """The reference training loop (nanoGPT-style), fp32; windows drawn without replacement in random order."""
     torch.manual_seed(seed)
     model = LilLM(model_cfg)
     reference_init(model)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=REFERENCE["lr"], weight_decay=REFERENCE["weight_decay"])
-    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=REFERENCE["weight_decay"])
+    starts = np.random.default_rng(seed).permutation((len(train_tokens) - 1) // SEQ_LEN) * SEQ_LEN
     data = torch.from_numpy(train_tokens)
-    t0 = time.perf_counter()
+    warmup, at, curve = max(1, round(steps * REFERENCE["warmup_fraction"])), set(curve_steps(steps)), []
     for step in range(steps):
-        lr = lr_at(step, lr=REFERENCE["lr"], min_lr=REFERENCE["min_lr"], warmup_steps=REFERENCE["warmup_steps"],
-                   max_steps=steps, schedule="cosine")
+        model.train()
         for group in opt.param_groups:
-            group["lr"] = lr
-        step_loss = 0.0
-        for _ in range(GRAD_ACCUM):
-            ix = torch.randint(len(data) - SEQ_LEN - 1, (MICRO_BATCH,), generator=gen)
-            x = torch.stack([data[i : i + SEQ_LEN + 1] for i in ix.tolist()])
-            logits = model(x[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()) / GRAD_ACCUM
+            group["lr"] = lr_at(step, lr=lr, min_lr=lr * REFERENCE["min_lr_ratio"], warmup_steps=warmup,
+                                max_steps=steps, schedule="cosine")
+        for k in range(GRAD_ACCUM):
+            first = (step * GRAD_ACCUM + k) * MICRO_BATCH
+            x = torch.stack([data[s : s + SEQ_LEN + 1] for s in starts[first : first + MICRO_BATCH].tolist()])
+            loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()) / GRAD_ACCUM
             loss.backward()
-            step_loss += float(loss.detach())
         nn.utils.clip_grad_norm_(model.parameters(), REFERENCE["grad_clip"])
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if (step + 1) % log_every == 0:
-            print(f"  reference step {step + 1}/{steps} loss {step_loss:.4f} ({time.perf_counter() - t0:.0f} s)",
-                  flush=True)
-    return model
+        if step + 1 in at:
+            curve.append([step + 1, score(model, curve_batch, table).loss])
+    return model, curve
 
 
-def lillm_run(shape: dict, data_dir: Path, steps: int, seed: int, run_dir: Path, threads: int) -> LilLM:
-    """lillm's real path: `python launch/pretrain.py` on one rank (DeepSpeed engine + lillm loader), then the
-    final checkpoint loaded as any lillm command loads it."""
+def lillm_args(arm: str, lr: float, steps: int) -> list[str]:
+    """The command-line options that make a lillm arm: debug.yaml's recipe with its warmup at the same fraction
+    of the run and min_lr at the same fraction of lr, one optimizer, one learning-rate setting."""
+    base = debug_recipe()
+    warmup = ["--train.warmup_steps", str(max(1, round(steps * base["warmup_steps"] / base["max_steps"])))]
+    if arm == "lillm-adamw":
+        return [*warmup, "--train.optimizer", "adamw", "--train.grad_clip", "1.0", "--train.lr", str(lr),
+                "--train.min_lr", str(lr * base["min_lr"] / base["lr"])]
+    return [*warmup, "--train.optimizer", "muon", "--train.grad_clip", "0", "--train.lr", str(base["lr"] * lr),
+            "--train.min_lr", str(base["min_lr"] * lr), "--train.muon_lr", str(base["muon_lr"] * lr)]
+
+
+def debug_recipe() -> dict:
+    """The training section of the shipped launch/configs/debug.yaml."""
+    import yaml
+
+    return yaml.safe_load((REPO / "launch/configs/debug.yaml").read_text())["train"]
+
+
+def lillm_run(model_cfg: ModelConfig, arm: str, lr: float, data_dir: Path, steps: int, seed: int, run_dir: Path,
+              threads: int) -> tuple[LilLM, list[list[float]]]:
+    """lillm's real path: `python launch/pretrain.py` on one rank (DeepSpeed engine + lillm loader), its val
+    curve from metrics.jsonl (lillm's own evaluation of the first CURVE_WINDOWS windows), and the final model
+    loaded as any lillm command loads it."""
     from lillm.loading import load_model
 
+    at = curve_steps(steps)
     cmd = [sys.executable, "launch/pretrain.py", "--config", "launch/configs/debug.yaml",
            "--ds_config", "ds_configs/zero2_cpu.json", "--data.dir", str(data_dir), "--train.run_dir", str(run_dir),
            "--train.micro_batch_size", str(MICRO_BATCH), "--train.grad_accum", str(GRAD_ACCUM),
            "--train.seq_len", str(SEQ_LEN), "--train.max_steps", str(steps), "--train.seed", str(seed),
-           "--train.eval_interval", "0", "--train.sample_tokens", "0", "--train.ckpt_interval", str(steps),
-           "--train.log_interval", "40", "--train.tensorboard", "false", "--data.num_workers", "0"]
-    for k, v in {**COMMON, **shape["model"]}.items():
+           "--train.eval_interval", str(at[0]),
+           "--train.eval_batches", str(CURVE_WINDOWS // MICRO_BATCH), "--train.sample_tokens", "0",
+           "--train.ckpt_interval", str(steps), "--train.log_interval", str(max(1, steps // 4)),
+           "--train.tensorboard", "false", "--data.num_workers", "0", *lillm_args(arm, lr, steps)]
+    for k, v in model_cfg.to_dict().items():
         cmd += [f"--model.{k}", str(v)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith("step "):
-            print("  lillm " + line, flush=True)
     if proc.returncode != 0:
         raise SystemExit(f"lillm run failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    curve = [[r["step"], r["val/loss"]] for r in rows if "val/loss" in r and r["step"] in at]
     model, _ = load_model(run_dir)
-    return model
+    return model, curve
+
+
+def run_one(width: str, arm: str, lr: float, seed: int, steps: int, data_dir: Path, threads: int) -> dict:
+    """Train one arm at one learning rate and score it."""
+    shape = WIDTHS[width]
+    steps = steps or shape["steps"]
+    cfg = ModelConfig(vocab_size=VOCAB, max_seq_len=SEQ_LEN, max_batch_size=16, **shape["model"])
+    torch.set_num_threads(threads)
+    train_tokens, val_tokens = split_tokens(data_dir, "train"), split_tokens(data_dir, "val")
+    table = byte_table(load_tokenizer(data_dir / "tokenizer").token_bytes(VOCAB))
+    t0 = time.perf_counter()
+    if arm == "reference":
+        model, curve = reference_run(cfg, train_tokens, steps, seed, lr, windows(val_tokens, CURVE_WINDOWS), table)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            model, curve = lillm_run(cfg, arm, lr, data_dir, steps, seed, Path(tmp) / "run", threads)
+    val = score(model, windows(val_tokens, VAL_WINDOWS), table)
+    train_starts = np.linspace(0, (len(train_tokens) - 1) // SEQ_LEN - 1, 64).astype(np.int64) * SEQ_LEN
+    train = score(model, torch.from_numpy(np.stack([train_tokens[s : s + SEQ_LEN + 1] for s in train_starts])), table)
+    row = {"width": width, "params": cfg.num_params(), "arm": arm, "lr": lr, "seed": seed, "steps": steps,
+           "tokens": steps * MICRO_BATCH * GRAD_ACCUM * SEQ_LEN, "val_loss": val.loss, "val_bpb": val.bits_per_byte,
+           "train_loss": train.loss, "curve": curve, "seconds": time.perf_counter() - t0}
+    print(f"   {width} {arm} lr {lr:g} seed {seed}: val {row['val_loss']:.4f} ({row['val_bpb']:.4f} bpb)  "
+          f"train {row['train_loss']:.4f}  ({row['seconds']:.0f} s)", flush=True)
+    return row
+
+
+class Runner:
+    """Runs (width, arm, lr, seed) tasks `jobs` at a time, each in a child process of this script; every row
+    is cached as a JSON file, so a repeated or resumed benchmark runs only what it lacks."""
+
+    def __init__(self, args: argparse.Namespace, threads: int) -> None:
+        self.args, self.threads = args, threads
+        self.cache = Path(args.cache)
+        self.cache.mkdir(parents=True, exist_ok=True)
+
+    def path(self, task: tuple) -> Path:
+        width, arm, lr, seed = task
+        return self.cache / f"{width}-{arm}-{lr:g}-s{seed}-{self.args.steps or WIDTHS[width]['steps']}.json"
+
+    def run(self, tasks: list[tuple]) -> dict[tuple, dict]:
+        todo = [t for t in dict.fromkeys(tasks) if not self.path(t).is_file()]
+        running: list[tuple] = []
+        while todo or running:
+            while todo and len(running) < self.args.jobs:
+                task = todo.pop(0)
+                width, arm, lr, seed = task
+                cmd = [sys.executable, __file__, "--one", f"{width}:{arm}:{lr!r}:{seed}", "--row_out",
+                       str(self.path(task)), "--steps", str(self.args.steps), "--data", self.args.data,
+                       "--threads", str(self.threads)]
+                print(f"== {width} {arm} lr {lr:g} seed {seed}", flush=True)
+                running.append((subprocess.Popen(cmd), task))
+            time.sleep(0.5)
+            for proc, task in list(running):
+                if proc.poll() is not None:
+                    running.remove((proc, task))
+                    if proc.returncode != 0:
+                        raise SystemExit(f"a benchmark run failed: {task}")
+        return {t: json.loads(self.path(t).read_text()) for t in tasks}
+
+
+def sweeps(runner: Runner, width: str, grids: dict[str, list[float]], seed: int, extend: int = 2
+           ) -> dict[str, dict[float, dict]]:
+    """Each arm's learning-rate sweep at one seed, all arms' runs sharing the job slots; while an arm's best value
+    is at an end of its grid, one more point a factor of 2 beyond it (at most `extend` rounds)."""
+    grids = {arm: sorted(grid) for arm, grid in grids.items()}
+    for round_ in range(extend + 1):
+        rows = runner.run([(width, arm, lr, seed) for arm, grid in grids.items() for lr in grid])
+        out = {arm: {lr: rows[(width, arm, lr, seed)] for lr in grid} for arm, grid in grids.items()}
+        grown = False
+        for arm, grid in grids.items():
+            best = min(grid, key=lambda lr: out[arm][lr]["val_loss"])
+            if round_ < extend and len(grid) > 1 and best in (grid[0], grid[-1]):
+                grid.append(best / 2 if best == grid[0] else best * 2)
+                grid.sort()
+                grown = True
+        if not grown:
+            break
+    return out
+
+
+def tokens_to_target(curve: list[list[float]], target: float, tokens_per_step: int) -> float:
+    """Tokens after which the curve, linearly interpolated from (0, ln(vocab)), first reaches `target`; inf when
+    it never does."""
+    points = [[0, math.log(VOCAB)], *curve]
+    for (s0, l0), (s1, l1) in zip(points, points[1:]):
+        if l1 <= target:
+            frac = (l0 - target) / (l0 - l1) if l0 > l1 else 1.0
+            return (s0 + frac * (s1 - s0)) * tokens_per_step
+    return math.inf
+
+
+def fitted_optimum(points: dict[float, float]) -> float:
+    """The lr at the minimum of a parabola in log2(lr) through the best point of a sweep and its two neighbours
+    (the best point itself when it sits at an end): the sweep's optimum between its factor-2 grid points."""
+    lrs = sorted(points)
+    i = min(range(len(lrs)), key=lambda k: points[lrs[k]])
+    if i in (0, len(lrs) - 1):
+        return lrs[i]
+    x = np.log2(lrs[i - 1 : i + 2])
+    a, b, _ = np.polyfit(x, [points[lr] for lr in lrs[i - 1 : i + 2]], 2)
+    return float(2 ** np.clip(-b / (2 * a), x[0], x[2])) if a > 0 else lrs[i]
+
+
+def width_rule(summary: dict) -> dict:
+    """Per arm, the power law lr*(d) = lr*(128) x (d / 128)^-exponent fitted (least squares in log-log) to the
+    sweeps' fitted optima at every measured width."""
+    rule = {}
+    for arm in ARMS:
+        pts = [(int(w[1:]), s[arm]["fitted_lr"]) for w, s in summary.items() if arm in s]
+        if len(pts) < 2:
+            continue
+        slope, intercept = np.polyfit(np.log2([d / 128 for d, _ in pts]), np.log2([lr for _, lr in pts]), 1)
+        rule[arm] = {"lr_at_128": float(2**intercept), "exponent": float(-slope), "points": pts}
+    return rule
 
 
 def spread(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "values": values}
 
 
-def run_one(shape_name: str, seed: int, arm: str, steps: int, data_dir: Path, threads: int) -> dict:
-    """Train one arm and score it."""
-    shape = SHAPES[shape_name]
-    steps = steps or shape["steps"]
-    cfg = ModelConfig(**COMMON, **shape["model"])
-    tokens = steps * MICRO_BATCH * GRAD_ACCUM * SEQ_LEN
-    print(f"== {shape_name} ({cfg.num_params():,} params), {arm}, seed {seed}, {steps} steps, {tokens:,} tokens",
-          flush=True)
-    torch.set_num_threads(threads)
-    train_tokens, val_tokens = split_tokens(data_dir, "train"), split_tokens(data_dir, "val")
-    t0 = time.perf_counter()
-    if arm == "reference":
-        model = reference_run(cfg, train_tokens, steps, seed)
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            model = lillm_run(shape, data_dir, steps, seed, Path(tmp) / "run", threads)
-    row = {"shape": shape_name, "params": cfg.num_params(), "arm": arm, "seed": seed, "steps": steps,
-           "tokens": tokens, "val_loss": score(model, val_tokens, SEQ_LEN),
-           "train_loss": score(model, train_tokens, SEQ_LEN, max_windows=64), "seconds": time.perf_counter() - t0}
-    print(f"   {shape_name} {arm} seed {seed}: val {row['val_loss']:.4f}  train {row['train_loss']:.4f}  "
-          f"({row['seconds']:.0f} s)", flush=True)
-    return row
+def summarize(width: str, swept: dict[str, dict], finals: dict[str, list[dict]]) -> dict:
+    """One width: each arm's sweep and best lr, val loss and bpb over seeds, and tokens-to-target against the
+    reference, per seed pair."""
+    out = {"sweeps": {arm: {f"{lr:g}": rows[lr]["val_loss"] for lr in rows} for arm, rows in swept.items()}}
+    for arm, rows in finals.items():
+        out[arm] = {"lr": rows[0]["lr"], "bracketed": rows[0]["lr"] not in (min(swept[arm]), max(swept[arm])),
+                    "fitted_lr": fitted_optimum({lr: r["val_loss"] for lr, r in swept[arm].items()}),
+                    "val_loss": spread([r["val_loss"] for r in rows]), "val_bpb": spread([r["val_bpb"] for r in rows]),
+                    "train_loss": spread([r["train_loss"] for r in rows]), "params": rows[0]["params"],
+                    "tokens": rows[0]["tokens"]}
+    ref = {r["seed"]: r for r in finals.get("reference", [])}
+    for arm, rows in finals.items():
+        if arm == "reference" or not ref:
+            continue
+        fractions = [tokens_to_target(r["curve"], ref[r["seed"]]["curve"][-1][1], MICRO_BATCH * GRAD_ACCUM * SEQ_LEN)
+                     / ref[r["seed"]]["tokens"] for r in rows if r["seed"] in ref]
+        out[arm]["tokens_to_target"] = spread(fractions) if fractions else None
+    return out
 
 
-def run_parallel(tasks: list[tuple[str, int, str]], args: argparse.Namespace, threads: int) -> list[dict]:
-    """Each task in a child process of this script, `args.jobs` at a time."""
-    results, running, todo = [], [], list(tasks)
-    with tempfile.TemporaryDirectory() as tmp:
-        while todo or running:
-            while todo and len(running) < args.jobs:
-                shape_name, seed, arm = todo.pop(0)
-                out = Path(tmp) / f"{shape_name}-{seed}-{arm}.json"
-                cmd = [sys.executable, __file__, "--one", f"{shape_name}:{seed}:{arm}", "--row_out", str(out),
-                       "--steps", str(args.steps), "--data", args.data, "--threads", str(threads)]
-                running.append((subprocess.Popen(cmd), out))
-            time.sleep(1)
-            for proc, out in list(running):
-                if proc.poll() is not None:
-                    running.remove((proc, out))
-                    if proc.returncode != 0:
-                        raise SystemExit(f"a benchmark run failed: {out.stem}")
-                    results.append(json.loads(out.read_text()))
-    return results
-
-
-def summarize(results: list[dict], shapes: list[str]) -> tuple[dict, str]:
-    """Per shape and arm: val and train loss over seeds; and the markdown table."""
-    summary, lines = {}, [
-        "| shape | params | tokens | reference val loss | lillm val loss | lillm - ref | train loss ref / lillm |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for shape_name in shapes:
-        rows = [r for r in results if r["shape"] == shape_name]
-        s = {arm: {key: spread([r[f"{key}_loss"] for r in rows if r["arm"] == arm]) for key in ("val", "train")}
-             for arm in ("reference", "lillm") if any(r["arm"] == arm for r in rows)}
-        summary[shape_name] = s
-        val = {arm: f"{v['val']['mean']:.3f} ({v['val']['min']:.3f}-{v['val']['max']:.3f})" for arm, v in s.items()}
-        train = {arm: f"{v['train']['mean']:.3f}" for arm, v in s.items()}
-        delta = f"{s['lillm']['val']['mean'] - s['reference']['val']['mean']:+.3f}" if len(s) == 2 else "-"
-        lines.append(f"| {shape_name} | {rows[0]['params'] / 1e6:.1f}M | {rows[0]['tokens'] / 1e6:.2f}M | "
-                     f"{val.get('reference', '-')} | {val.get('lillm', '-')} | {delta} | "
-                     f"{train.get('reference', '-')} / {train.get('lillm', '-')} |")
-    return summary, "\n".join(lines)
+def tables(summary: dict) -> str:
+    """The markdown tables: results at equal tokens, and the sweeps."""
+    lines = ["| width | params | tokens | arm | best lr (fitted) | val loss (min-max) | val bpb | seeds | "
+             "tokens to reference's loss |", "|---|---|---|---|---|---|---|---|---|"]
+    for width, s in summary.items():
+        for arm in ARMS:
+            if arm not in s:
+                continue
+            a = s[arm]
+            ttt = a.get("tokens_to_target")
+            ttt_s = "-" if ttt is None else ("not reached" if math.isinf(ttt["mean"]) else f"{ttt['mean']:.2f}")
+            lines.append(f"| {width} | {a['params'] / 1e6:.2f}M | {a['tokens'] / 1e6:.2f}M | {arm} | {a['lr']:g}"
+                         f"{'' if a['bracketed'] else ' (edge)'} ({a['fitted_lr']:.3g}) | {a['val_loss']['mean']:.3f} "
+                         f"({a['val_loss']['min']:.3f}-{a['val_loss']['max']:.3f}) | {a['val_bpb']['mean']:.4f} | "
+                         f"{len(a['val_loss']['values'])} | {ttt_s} |")
+    lines += ["", "| width | arm | sweep: lr -> val loss (seed 1) |", "|---|---|---|"]
+    for width, s in summary.items():
+        for arm, points in s["sweeps"].items():
+            lines.append(f"| {width} | {arm} | " + ", ".join(f"{lr}: {v:.3f}" for lr, v in points.items()) + " |")
+    rule = width_rule(summary)
+    if rule:
+        lines += ["", "| arm | fitted lr* at d128 | exponent: lr* ~ d^-exponent |", "|---|---|---|"]
+        lines += [f"| {arm} | {r['lr_at_128']:.3g} | {r['exponent']:.2f} |" for arm, r in rule.items()]
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES), help="Model shapes to train.")
-    ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2], help="Seeds (init and data order) per shape.")
-    ap.add_argument("--arms", nargs="+", default=["reference", "lillm"], choices=["reference", "lillm"],
-                    help="Which side(s) to run.")
-    ap.add_argument("--steps", type=int, default=0, help="Override every shape's optimizer steps (0: its own).")
-    ap.add_argument("--data", default=str(REPO / "data/pydoc"), help="Prepared shards (made here when missing).")
+    ap.add_argument("--widths", nargs="+", default=list(WIDTHS), choices=list(WIDTHS), help="Model widths to train.")
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="Which recipes to run.")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2],
+                    help="Seeds (init and data order); the sweep runs on the first.")
+    ap.add_argument("--steps", type=int, default=0, help="Override every width's optimizer steps (0: its own).")
+    ap.add_argument("--quick", action="store_true",
+                    help="Smoke mode: d128, 4 steps, two grid points per arm, one seed, no extension.")
+    ap.add_argument("--data", default=str(REPO / "data/stdlib"), help="Prepared shards (made here when missing).")
+    ap.add_argument("--source", default="stdlib", help="Text source the corpus is prepared from when missing.")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                     help="Runs at a time, each in its own process; the cores are shared out among them.")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: cores // jobs).")
+    ap.add_argument("--cache", default=str(REPO / "benchmarks/results/learning-runs"),
+                    help="Directory of finished runs' rows (reused when the same run is asked again).")
     ap.add_argument("--out", default=str(REPO / f"benchmarks/results/learning-{platform.node()}.json"),
                     help="JSON written here.")
-    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: "shape:seed:arm", run by --jobs children
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: "width:arm:lr:seed", run by Runner children
     ap.add_argument("--row_out", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -255,29 +391,39 @@ def main() -> None:
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     data_dir = Path(args.data)
     if args.one:
-        shape_name, seed, arm = args.one.split(":")
-        row = run_one(shape_name, int(seed), arm, args.steps, data_dir, threads)
+        width, arm, lr, seed = args.one.split(":")
+        row = run_one(width, arm, float(lr), int(seed), args.steps, data_dir, threads)
         Path(args.row_out).write_text(json.dumps(row))
         return
-    ensure_data(data_dir)
+    if args.quick:
+        args.widths, args.seeds, args.steps = ["d128"], args.seeds[:1], args.steps or 4
+    ensure_data(data_dir, args.source)
     n_train, n_val = (len(split_tokens(data_dir, split)) for split in ("train", "val"))
-    print(f"corpus: {n_train:,} train tokens, {n_val:,} val tokens ({(n_val - 1) // SEQ_LEN} val windows); "
-          f"{args.jobs} job(s) x {threads} thread(s)", flush=True)
-    tasks = [(shape, seed, arm) for shape in args.shapes for seed in args.seeds for arm in args.arms]
-    if args.jobs > 1:
-        results = run_parallel(tasks, args, threads)
-    else:
-        results = [run_one(shape, seed, arm, args.steps, data_dir, threads) for shape, seed, arm in tasks]
-
-    summary, table = summarize(results, args.shapes)
-    print(f"\nval loss: mean over seeds {args.seeds} (min-max)\n\n{table}")
+    print(f"corpus: {n_train:,} train tokens, {n_val:,} val tokens; {args.jobs} job(s) x {threads} thread(s)",
+          flush=True)
+    runner, summary, t0 = Runner(args, threads), {}, time.perf_counter()
+    for width in args.widths:
+        grids = {arm: GRIDS[arm][width][:2] if args.quick else GRIDS[arm][width] for arm in args.arms}
+        swept = sweeps(runner, width, grids, args.seeds[0], extend=0 if args.quick else 2)
+        best = {arm: min(rows, key=lambda lr: rows[lr]["val_loss"]) for arm, rows in swept.items()}
+        rows = runner.run([(width, arm, best[arm], seed) for arm in args.arms for seed in args.seeds])
+        finals = {arm: [rows[(width, arm, best[arm], seed)] for seed in args.seeds] for arm in args.arms}
+        summary[width] = summarize(width, swept, finals)
     out = Path(args.out)
+    if out.is_file():  # widths measured by an earlier invocation stay in the report
+        summary = {**{w: v for w, v in json.loads(out.read_text()).get("summary", {}).items() if w not in summary},
+                   **summary}
+        summary = {w: summary[w] for w in WIDTHS if w in summary}
+    table = tables(summary)
+    print(f"\nmean over seeds {args.seeds}; val: the first {VAL_WINDOWS} val windows of {SEQ_LEN} tokens\n\n{table}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"host": platform.node(), "processor": platform.processor(), "threads": threads,
                                "jobs": args.jobs, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-                               "budget": {"micro_batch": MICRO_BATCH, "grad_accum": GRAD_ACCUM, "seq_len": SEQ_LEN},
-                               "reference": REFERENCE, "results": results, "summary": summary, "table": table},
-                              indent=2))
+                               "minutes": (time.perf_counter() - t0) / 60, "budget": {
+                                   "micro_batch": MICRO_BATCH, "grad_accum": GRAD_ACCUM, "seq_len": SEQ_LEN,
+                                   "val_windows": VAL_WINDOWS, "curve_windows": CURVE_WINDOWS},
+                               "widths": WIDTHS, "grids": GRIDS, "reference": REFERENCE, "summary": summary,
+                               "width_rule": width_rule(summary), "table": table}, indent=2))
     print(f"\nwrote {out}")
 
 

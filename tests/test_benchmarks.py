@@ -22,7 +22,7 @@ def test_gpu_check_smoke_on_cpu(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     report = json.loads((out / "gpu_check.json").read_text())
     steps = report["steps"]
-    assert list(steps) == ["environment", "data", "kernels", "train", "resume", "post", "packed", "cuda"]
+    assert list(steps) == ["environment", "data", "kernels", "train", "resume", "post", "packed", "cuda", "lr_rule"]
     assert all(s["ok"] for s in steps.values())
     assert {row["model"] for row in steps["kernels"]["rows"]} == {"lillm", "transformers"}
     assert steps["train"]["tokens_per_s"] > 0 and steps["train"]["val_loss"] < 6.93  # ln(1024) at the start
@@ -33,18 +33,24 @@ def test_gpu_check_smoke_on_cpu(tmp_path):
         (a, k) for a in ("dense", "flex-eager") for k in ("train", "forward")}
     assert all(row["ms"] > 0 for row in packed if row["attention"] == "dense" or row["kind"] == "forward")
     assert all("ms" in row or row["error"] for row in packed)  # a path torch cannot run here says why
+    rule = steps["lr_rule"]
+    assert set(rule["val_loss"]) == {"0.5x", "1x", "2x"} and rule["best"] in rule["val_loss"]
     md = (out / "gpu_check.md").read_text()
     assert "| eager | 2 | lillm |" in md and "| 64 | dense | train |" in md
 
 
 def test_learning_benchmark_smoke(tmp_path):
-    """Both arms of benchmarks/learning.py train (2 steps) and are scored; it prepares its own corpus."""
+    """benchmarks/learning.py --quick: every arm's sweep (two points, 4 steps) trains and is scored in loss and bits
+    per byte, the best of each arm runs again from the cache, and the tables print; it prepares its own corpus."""
     out = tmp_path / "learning.json"
-    r = subprocess.run([sys.executable, "benchmarks/learning.py", "--shapes", "debug", "--seeds", "1", "--steps", "2",
-                        "--data", str(tmp_path / "pydoc"), "--out", str(out)],
-                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "benchmarks/learning.py", "--quick", "--data", str(tmp_path / "stdlib"), "--cache",
+           str(tmp_path / "cache"), "--out", str(out)]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    result = json.loads(out.read_text())
-    assert {row["arm"] for row in result["results"]} == {"reference", "lillm"}
-    assert all(8.0 < row["val_loss"] < 9.0 for row in result["results"])  # 2 steps from ln(4096) = 8.3
-    assert "| debug | 1.3M | 0.02M |" in r.stdout
+    summary = json.loads(out.read_text())["summary"]["d128"]
+    assert set(summary["sweeps"]) == {"reference", "lillm-adamw", "lillm-muon"}
+    for arm in summary["sweeps"]:
+        assert len(summary["sweeps"][arm]) == 2 and 7.0 < summary[arm]["val_loss"]["mean"] < 8.4  # ln(4096) = 8.3
+        assert 2.0 < summary[arm]["val_bpb"]["mean"] < 4.0
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 6  # the finals came from the sweep's cache
+    assert "| d128 | 0.89M | 0.02M | lillm-muon |" in r.stdout and "tokens to reference's loss" in r.stdout

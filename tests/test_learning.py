@@ -3,16 +3,18 @@
 precision that slows learning fails here (in the spirit of torchtitan's loss-curve tests).
 
 The run: `python launch/pretrain.py` on one rank (DeepSpeed engine, fp32, lillm's loader) with the shipped
-`launch/configs/debug.yaml` training settings, the debug shape with the tests' 1024-token tokenizer,
-60 steps of 8 x 128 tokens, seed 1337. Measured (2-vCPU AVX2 machine, 2026-11-29, torch 2.13.0+cpu):
+`launch/configs/debug.yaml` training settings (Muon for the blocks' matrices, AdamW for the tied embedding),
+the debug shape with the tests' 1024-token tokenizer, 60 steps of 8 x 128 tokens, seed 1337. Measured
+(2-vCPU AVX-512 machine, 2026-12-01, torch 2.13.0+cpu):
 
-    lillm's init (fan-in, small residual writes):   val loss 5.117 at step 60
-    the previous init (N(0, 0.02) everywhere):     val loss 5.862 at step 60 (this test fails with it)
+    the shipped recipe (Muon, fan-in init):                        val loss 4.694 at step 60
+    the same with N(0, 0.02) for every matrix (the older init):    val loss 4.723
+    the previous shipped recipe (AdamW at lr 3e-3, fan-in init):   val loss 5.117 (this test fails with it)
 
-The threshold sits 0.15 above the good figure and 0.59 below the bad one. The margin is for what may move
-the figure without changing the recipe: float summation order on other CPUs (AVX-512 / AMX kernels) and
-other torch versions (expected in the hundredths; not yet measured on another CPU). A regression of a fifth
-of the gap that the init closed fails.
+The threshold sits 0.16 above the shipped figure and 0.27 below the previous recipe's. Under Muon the init
+matters little (Muon's updates are orthogonalised whatever the matrices' scale), so the test no longer tells
+the two inits apart; it guards the optimizer and schedule. The margin is for what may move the figure
+without changing the recipe: float summation order on other CPUs and torch versions (hundredths).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import pytest
 from .conftest import REPO
 
 pytestmark = pytest.mark.slow
-GOLDEN_VAL_LOSS = 5.27
+GOLDEN_VAL_LOSS = 4.85
 STEPS = 60
 
 

@@ -147,8 +147,10 @@ def test_nonfinite_losses_are_skipped_up_to_max_bad_steps(process_group, pretrai
 
 def test_a_diverging_run_stops_with_exit_2_and_a_diagnosis(process_group, pretrain_shards, tmp_path):
     run_dir = tmp_path / "diverge"
+    # AdamW: an lr of 1e38 makes its step non-finite (torch's unfused Adam under Muon refuses such a scalar).
     trainer = pretrainer(pretrain_shards, run_dir, "--train.max_steps", "6", "--train.lr", "1e38",
-                         "--train.min_lr", "0", "--train.warmup_steps", "0", "--train.grad_clip", "0")
+                         "--train.min_lr", "0", "--train.warmup_steps", "0", "--train.grad_clip", "0",
+                         "--train.optimizer", "adamw")
     assert trainer.fit() == 2
     diag = next(run_dir.glob("nonfinite_step*_rank0.pt"))
     saved = torch.load(diag, weights_only=False)
@@ -171,7 +173,8 @@ def test_every_train_option_of_every_entry_point_is_used(process_group, task, pr
     extra = ["--train.max_steps", "0", "--train.max_tokens", str(3 * 2 * 2 * seq), "--train.grad_accum", "0",
              "--train.global_batch_tokens", str(2 * 2 * seq), "--train.max_bad_steps", "2",
              "--train.eval_interval", "2", "--train.sample_tokens", "2", "--train.ckpt_interval", "2",
-             "--train.activation_checkpointing", "true", "--train.tensorboard", "true"]
+             "--train.activation_checkpointing", "true", "--train.tensorboard", "true",
+             "--train.optimizer", "muon", "--train.grad_clip", "0"]  # muon reads the AdamW options too
     if task == "pretrain":
         trainer = pretrainer(pretrain_shards, tmp_path / task, *extra, record=True)
     else:
