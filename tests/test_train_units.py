@@ -102,13 +102,17 @@ def test_every_shipped_yaml_parses(path):
         assert cfg.model.num_params() == 39_596_544
         plan = plan_batches(cfg.train, cfg.model.max_seq_len, 2)
         assert plan.tokens_per_step == 524_288 and 15_000 <= plan.max_steps <= 15_300
-        assert (cfg.train.lr, cfg.train.min_lr, cfg.train.warmup_steps) == (6e-4, 6e-5, 2000)
-        assert cfg.train.betas == (0.9, 0.95) and cfg.train.schedule == "cosine"
+        assert cfg.train.warmup_steps == 2000 and cfg.train.schedule == "cosine"
+    # Every shipped pretraining recipe takes its learning rates from the one width rule.
+    from lillm.train.recipe import width_lrs
+
+    expected = width_lrs(cfg.model.d_model, cfg.train.optimizer)
+    assert {k: getattr(cfg.train, k) for k in expected} == expected, path.name
 
 
 def test_cli_overrides_and_invalid_values():
-    cfg, _ = parse_config(["--config", str(REPO / "launch/configs/debug.yaml"), "--train.lr", "7e-3"])
-    assert cfg.train.lr == 7e-3
+    cfg, _ = parse_config(["--config", str(REPO / "launch/configs/debug.yaml"), "--train.lr", "5e-2"])
+    assert cfg.train.lr == 5e-2
     with pytest.raises((UserError, SystemExit)):
         parse_config(["--config", str(REPO / "launch/configs/debug.yaml"), "--model.n_heads", "3"])
 
@@ -230,7 +234,9 @@ def test_muon_fills_the_ds_config_and_refuses_what_would_mislead():
     cfg = fill_ds_config(load_ds_config(REPO / "ds_configs/zero2_cpu.json"), train, plan)
     assert cfg["optimizer"]["type"] == "Muon" and cfg["gradient_clipping"] == 0.0
     assert cfg["optimizer"]["params"] == {"lr": 6e-3, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1,
-                                          "muon_lr": 0.03, "momentum": 0.95}
+                                          "muon_lr": 0.03, "momentum": 0.95, "torch_adam": True}
+    offload = fill_ds_config(load_ds_config(REPO / "ds_configs/zero2_offload.json"), train, plan)
+    assert "torch_adam" not in offload["optimizer"]["params"]  # ZeRO offload needs DeepSpeed's CPU Adam
     with pytest.raises(UserError, match="optimizer type 'AdamW' conflicts with train.optimizer=muon"):
         fill_ds_config({"optimizer": {"type": "AdamW"}}, train, plan)
     adamw = TrainConfig(micro_batch_size=4, max_steps=10)

@@ -111,9 +111,14 @@ def fill_ds_config(raw: dict[str, Any], train: TrainConfig, plan: BatchPlan, sou
     if kind == "adam":
         params.setdefault("adam_w_mode", True)
     if kind == "muon":
-        # The Muon half reads muon_lr and momentum; the auxiliary AdamW half lr, betas, eps, weight_decay.
+        # The Muon half reads muon_lr and momentum; the auxiliary AdamW half lr, betas, eps, weight_decay, and
+        # is torch's AdamW (exact resume, see lillm.train.engine.build_optimizer) unless ZeRO offloads it, which
+        # needs DeepSpeed's CPU Adam.
         for key, value in (("muon_lr", train.muon_lr), ("momentum", train.muon_momentum)):
             _fill(params, key, value, "optimizer.params.")
+        offload = zero.get("offload_optimizer", {}).get("device", "none")
+        if offload in (None, "none"):
+            params.setdefault("torch_adam", True)
     cfg.setdefault("steps_per_print", 10**9)  # lillm logs; keep DeepSpeed's own step lines out of the console
     return cfg
 

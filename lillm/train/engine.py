@@ -163,7 +163,8 @@ def param_groups(model: nn.Module, weight_decay: float, muon_weight_decay: float
     with that decay."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     muon = [p for n, p in trainable if muon_weight_decay is not None and is_muon_matrix(n, p)]
-    decay = [p for n, p in trainable if p.dim() >= 2 and not any(p is q for q in muon)]
+    in_muon = {id(p) for p in muon}
+    decay = [p for n, p in trainable if p.dim() >= 2 and id(p) not in in_muon]
     no_decay = [p for n, p in trainable if p.dim() < 2]
     groups = [{"params": muon, "weight_decay": muon_weight_decay}] if muon else []
     return groups + [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -227,15 +228,11 @@ def build_optimizer(ds_cfg: dict[str, Any], groups: list[dict[str, Any]], device
     torch's AdamW derives the bias correction from the step count alone: resumes are bit-identical. With
     optimizer offload, ZeRO needs DeepSpeed's CPU Adam, so the JSON's optimizer is left to DeepSpeed. Muon
     must be DeepSpeed's (ZeRO-2 orthogonalises each matrix's whole gradient before partitioning it, which a
-    client optimizer, seeing flat partitions, cannot); its auxiliary Adam is torch's AdamW (`torch_adam`)
-    for the same exact resume, except under offload, where ZeRO requires DeepSpeed's CPU Adam.
+    client optimizer, seeing flat partitions, cannot); `fill_ds_config` makes its auxiliary Adam torch's
+    AdamW (`torch_adam`) for the same exact resume.
     """
     offload = ds_cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
-    if ds_cfg["optimizer"]["type"].lower() == "muon":
-        if offload in (None, "none"):
-            ds_cfg["optimizer"]["params"]["torch_adam"] = True
-        return None
-    if offload not in (None, "none"):
+    if ds_cfg["optimizer"]["type"].lower() == "muon" or offload not in (None, "none"):
         return None
     params = ds_cfg.pop("optimizer")["params"]
     return torch.optim.AdamW(groups, lr=params["lr"], betas=tuple(params["betas"]), eps=params["eps"],
