@@ -1,6 +1,6 @@
 """The GPU validation, in one run: everything lillm claims about GPUs, measured on the GPU at hand.
 
-    bash benchmarks/gpu_check.sh              # on a GPU machine: under 8 minutes on one GPU
+    bash benchmarks/gpu_check.sh              # on a GPU machine: under 10 minutes on one GPU
     bash benchmarks/gpu_check.sh --smoke      # CPU, tiny shapes: the same steps in about two minutes (tested)
 
 Steps, each timed and recorded even when another fails:
@@ -14,6 +14,8 @@ Steps, each timed and recorded even when another fails:
               the post-training hot path on the GPU, losses finite
   6. packed   benchmarks/packed_attention.py: packed SFT step time and memory, dense mask vs flex attention
   7. cuda     the test suite's CUDA-only tests (compiled flex attention against the dense mask)
+  8. lr_rule  the width rule's prediction for lil-39m (lillm/train/recipe.py): short runs of the shipped
+              lil-39m config at 0.5x, 1x and 2x its learning rates; the prediction holds when 1x ends lowest
 Writes gpu_check.json and gpu_check.md to --out after every step, prints the table, and exits 1 when any
 step failed or was skipped: a step that would start after --deadline_s is skipped, so the whole command
 ends inside a 10-minute limit with its report written.
@@ -239,6 +241,28 @@ class Check:
         sh([PY, "benchmarks/packed_attention.py", *args, "--out", str(res)], self.out / "log_packed.txt", self.left())
         return {"results": json.loads(next(res.glob("*.json")).read_text())}
 
+    def lr_rule(self) -> dict[str, Any]:
+        """Short lil-39m runs at 0.5x, 1x and 2x the shipped (rule-derived) learning rates: which ends lowest."""
+        import yaml
+
+        name = "debug" if self.smoke else "lil-39m-2xa100"
+        train = yaml.safe_load((REPO / f"launch/configs/{name}.yaml").read_text())["train"]
+        steps = 4 if self.smoke else self.args.rule_steps
+        out: dict[str, Any] = {"config": name, "steps": steps, "val_loss": {}}
+        for factor in (0.5, 1.0, 2.0):
+            run = self.work / f"rule{factor:g}"
+            shutil.rmtree(run, ignore_errors=True)
+            lrs = [f"--train.{k}={train[k] * factor}" for k in ("lr", "min_lr", "muon_lr") if k in train]
+            args = [*self.train_args(run, steps), *lrs, "--train.eval_interval", str(steps), "--train.ckpt_interval",
+                    str(10 * steps), "--train.sample_tokens", "0"]
+            deepspeed = [PY, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", "29513"]
+            sh([*deepspeed, "launch/pretrain.py", *args], self.out / f"log_rule{factor:g}.txt", self.left(),
+               {"DS_ACCELERATOR": "cpu"} if self.smoke else {})
+            out["val_loss"][f"{factor:g}x"] = [r["val/loss"] for r in metrics(run) if "val/loss" in r][-1]
+        out["best"] = min(out["val_loss"], key=out["val_loss"].get)
+        out["prediction_holds"] = out["best"] == "1x"
+        return out
+
     # -- the report ----------------------------------------------------------------------------------
     def markdown(self) -> str:
         s = self.report["steps"]
@@ -280,6 +304,8 @@ class Check:
                 self.step("post", self.post)
         self.step("packed", self.packed)
         self.step("cuda", self.cuda_tests)
+        if self.report["steps"]["data"]["ok"]:
+            self.step("lr_rule", self.lr_rule)
         self.write()
         print("\n" + self.markdown())
         print(f"gpu_check: {'FAILED' if self.failed else 'all steps passed'}; {self.out}/gpu_check.json")
@@ -298,7 +324,9 @@ def main() -> None:
     ap.add_argument("--resume_tolerance", type=float, default=2e-2,
                     help="largest accepted relative train-loss difference after the resume (GPU kernels are not "
                          "all bit-deterministic; the JSON says whether it was bit-identical)")
-    ap.add_argument("--deadline_s", type=float, default=480.0,
+    ap.add_argument("--rule_steps", type=int, default=150, help="steps of each lr_rule run (global batch: one micro "
+                    "batch of seq 512)")
+    ap.add_argument("--deadline_s", type=float, default=540.0,
                     help="start no step after this many seconds (each command is also cut at what is left)")
     args = ap.parse_args()
     if args.train_steps < 4:

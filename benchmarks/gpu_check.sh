@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU validation in one command (see benchmarks/gpu_check.py): run it first thing on any GPU machine.
-#   bash benchmarks/gpu_check.sh            # GPU: under 8 minutes on one GPU; JSON + markdown in $OUT or
+#   bash benchmarks/gpu_check.sh            # GPU: under 10 minutes on one GPU; JSON + markdown in $OUT or
 #                                           # benchmarks/results/gpu_check; exit 1 if any step failed
 #   bash benchmarks/gpu_check.sh --smoke    # CPU, tiny shapes (the test suite runs this)
 # Python: .venv if there is one, else python3 (a GPU image's own torch). Packages that python lacks are

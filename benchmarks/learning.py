@@ -67,8 +67,8 @@ WIDTHS = {
 ARMS = ("reference", "lillm-adamw", "lillm-muon")
 # The sweep's starting points (learning rate, or for lillm-muon the factor on debug.yaml's lr and muon_lr).
 GRIDS = {
-    "reference": {"d128": [4e-3, 8e-3, 1.6e-2, 3.2e-2], "d256": [4e-3, 8e-3, 1.6e-2], "d512": [2e-3, 4e-3, 8e-3]},
-    "lillm-adamw": {"d128": [8e-3, 1.6e-2, 3.2e-2], "d256": [4e-3, 8e-3, 1.6e-2], "d512": [2e-3, 4e-3, 8e-3]},
+    "reference": {"d128": [4e-3, 8e-3, 1.6e-2, 3.2e-2], "d256": [4e-3, 8e-3, 1.6e-2], "d512": [1e-3, 2e-3, 4e-3]},
+    "lillm-adamw": {"d128": [8e-3, 1.6e-2, 3.2e-2], "d256": [4e-3, 8e-3, 1.6e-2], "d512": [1e-3, 2e-3, 4e-3]},
     "lillm-muon": {"d128": [0.5, 1.0, 2.0], "d256": [0.5, 1.0, 2.0], "d512": [0.5, 1.0, 2.0]},
 }
 REFERENCE = dict(min_lr_ratio=0.1, weight_decay=0.01, grad_clip=1.0, warmup_fraction=1 / 8)
@@ -239,7 +239,8 @@ class Runner:
         return self.cache / f"{width}-{arm}-{lr:g}-s{seed}-{self.args.steps or WIDTHS[width]['steps']}.json"
 
     def run(self, tasks: list[tuple]) -> dict[tuple, dict]:
-        todo = [t for t in dict.fromkeys(tasks) if not self.path(t).is_file()]
+        """The rows of `tasks`, running those not cached yet (with --report: only the cached ones)."""
+        todo = [] if self.args.report else [t for t in dict.fromkeys(tasks) if not self.path(t).is_file()]
         running: list[tuple] = []
         while todo or running:
             while todo and len(running) < self.args.jobs:
@@ -256,7 +257,7 @@ class Runner:
                     running.remove((proc, task))
                     if proc.returncode != 0:
                         raise SystemExit(f"a benchmark run failed: {task}")
-        return {t: json.loads(self.path(t).read_text()) for t in tasks}
+        return {t: json.loads(self.path(t).read_text()) for t in tasks if self.path(t).is_file()}
 
 
 def sweeps(runner: Runner, width: str, grids: dict[str, list[float]], seed: int, extend: int = 2
@@ -266,9 +267,13 @@ def sweeps(runner: Runner, width: str, grids: dict[str, list[float]], seed: int,
     grids = {arm: sorted(grid) for arm, grid in grids.items()}
     for round_ in range(extend + 1):
         rows = runner.run([(width, arm, lr, seed) for arm, grid in grids.items() for lr in grid])
-        out = {arm: {lr: rows[(width, arm, lr, seed)] for lr in grid} for arm, grid in grids.items()}
+        out = {arm: {lr: rows[(width, arm, lr, seed)] for lr in grid if (width, arm, lr, seed) in rows}
+               for arm, grid in grids.items()}
+        out = {arm: points for arm, points in out.items() if points}
         grown = False
         for arm, grid in grids.items():
+            if arm not in out or len(out[arm]) < len(grid):
+                continue  # --report: a sweep that was not run (or not to its end)
             best = min(grid, key=lambda lr: out[arm][lr]["val_loss"])
             if round_ < extend and len(grid) > 1 and best in (grid[0], grid[-1]):
                 grid.append(best / 2 if best == grid[0] else best * 2)
@@ -383,6 +388,8 @@ def main() -> None:
                     help="Directory of finished runs' rows (reused when the same run is asked again).")
     ap.add_argument("--out", default=str(REPO / f"benchmarks/results/learning-{platform.node()}.json"),
                     help="JSON written here.")
+    ap.add_argument("--report", action="store_true",
+                    help="Run nothing: report what --cache holds (a width or seed that was not run is left out).")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: "width:arm:lr:seed", run by Runner children
     ap.add_argument("--row_out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -406,8 +413,11 @@ def main() -> None:
         grids = {arm: GRIDS[arm][width][:2] if args.quick else GRIDS[arm][width] for arm in args.arms}
         swept = sweeps(runner, width, grids, args.seeds[0], extend=0 if args.quick else 2)
         best = {arm: min(rows, key=lambda lr: rows[lr]["val_loss"]) for arm, rows in swept.items()}
-        rows = runner.run([(width, arm, best[arm], seed) for arm in args.arms for seed in args.seeds])
-        finals = {arm: [rows[(width, arm, best[arm], seed)] for seed in args.seeds] for arm in args.arms}
+        rows = runner.run([(width, arm, best[arm], seed) for arm in best for seed in args.seeds])
+        finals = {arm: [rows[(width, arm, best[arm], seed)] for seed in args.seeds if (width, arm, best[arm], seed)
+                        in rows] for arm in best}
+        if not finals:
+            continue
         summary[width] = summarize(width, swept, finals)
     out = Path(args.out)
     if out.is_file():  # widths measured by an earlier invocation stay in the report
