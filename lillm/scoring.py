@@ -2,8 +2,10 @@
 
 Loss per token depends on the tokenizer: a vocabulary that cuts text into longer tokens has fewer, harder
 targets. Bits per byte does not: the nats summed over the scored targets, divided by ln 2 and by the UTF-8
-bytes those targets decode to (special tokens decode to none), is the code length of the text itself, the
-figure other projects (nanochat, published evaluations) report and that two tokenizers can be compared by.
+bytes those targets decode to, is the code length of the text itself, the kind of figure other projects
+report and that two tokenizers can be compared by. Special tokens decode to no bytes; their nats stay in
+the sum (predicting where a document ends is part of coding the text). nanochat's `evaluate_bpb` leaves
+them out of both sums instead, which gives slightly lower figures on corpora of short documents.
 """
 
 from __future__ import annotations

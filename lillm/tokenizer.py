@@ -78,14 +78,19 @@ class Tokenizer:
 
     def token_bytes(self, size: int | None = None) -> list[int]:
         """UTF-8 bytes each token id stands for, by id (`size` entries, default the vocabulary): the
-        denominator of bits per byte. Byte-level BPE spells every token in a 256-character alphabet, one
-        character per byte, so a token's byte count is its length; special tokens and ids past the
-        vocabulary decode to no text and count 0."""
-        special = {t.content for t in self.tok.get_added_tokens_decoder().values()}
+        denominator of bits per byte. Byte-level BPE (every lillm tokenizer) spells every token in a
+        256-character alphabet, one character per byte, so a token's byte count is its length; special tokens
+        and ids past the vocabulary decode to no text and count 0."""
         counts = [0] * (size or self.vocab_size)
+        added = self.tok.get_added_tokens_decoder()
+        byte_level = json.loads(self.tok.to_str()).get("decoder", {}).get("type") == "ByteLevel"
         for token, i in self.tok.get_vocab(with_added_tokens=True).items():
-            if i < len(counts) and token not in special:
-                counts[i] = len(token)
+            if i >= len(counts) or (i in added and added[i].special):
+                continue
+            if i in added:  # a plain added token is its own text
+                counts[i] = len(added[i].content.encode())
+            else:  # another tokenizer's vocabulary: what the id decodes to alone
+                counts[i] = len(token) if byte_level else len(self.tok.decode([i]).encode())
         return counts
 
     def encode(self, text: str) -> list[int]:

@@ -70,7 +70,7 @@ class TextSource:
         elif self.spec == BUILTIN:
             it = _builtin_corpus()
         elif self.spec == BUILTIN_CODE:
-            it = _stdlib_sources()
+            it = _stdlib_sources(self.errors, self.stats)
         elif self.spec.startswith("hf:"):
             it = self._iter_hf()
         else:
@@ -311,16 +311,16 @@ def _builtin_corpus() -> Iterator[str]:
 
 
 
-def _stdlib_sources() -> Iterator[str]:
+def _stdlib_sources(errors: str = "replace", stats: dict[str, int] | None = None) -> Iterator[str]:
     """Every .py file of the standard library (site-packages left out), one document each, in path order.
 
-    Read as bytes and decoded as UTF-8 with replacement: a handful of test files hold deliberately broken
-    encodings. Deterministic for a given Python version.
+    Decoded as UTF-8 by `errors` (a handful of test files hold deliberately broken encodings). Deterministic
+    for a given Python build; distributions that strip the `test` package give about a third of it.
     """
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     for f in sorted(stdlib.rglob("*.py")):
         if "site-packages" in f.relative_to(stdlib).parts or not f.is_file():
             continue
-        text = f.read_bytes().decode("utf-8", errors="replace")
+        text = decode(f.read_bytes(), str(f), errors, stats)
         if text.strip():
             yield text

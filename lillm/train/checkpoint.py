@@ -41,7 +41,7 @@ from lillm.runs import (
     resolve_checkpoint,
     tag_for,
 )
-from lillm.train.reshard import full_states, load_full_states
+from lillm.train.reshard import full_states, load_full_states, load_scaler_state
 
 
 class Stateful(Protocol):
@@ -167,6 +167,13 @@ class Checkpoint:
         meta = read_meta(tag_dir)
         check_compatible(meta, tag_dir, self.identity, self.world_size)
         self.resume_from, self._load_dir, self._saved_world = tag_dir, tag_dir, meta["world_size"]
+        offload = ds_cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+        if (self._saved_world != self.world_size and meta.get("train_config", {}).get("optimizer") == "muon"
+                and offload not in (None, "none")):
+            raise UserError(f"cannot resume the Muon checkpoint {tag_dir} on {self.world_size} rank(s): it was saved "
+                            f"by {self._saved_world}, and with optimizer offload Muon's momentum is kept per "
+                            "partition, which neither DeepSpeed's universal format nor lillm re-partitions. Resume "
+                            f"with {self._saved_world} rank(s), or without offload")
         if self._saved_world != self.world_size and meta.get("train_config", {}).get("optimizer") == "muon":
             log.info(f"resuming a {self._saved_world}-rank checkpoint on {self.world_size} ranks: re-partitioning "
                      f"its Muon and AdamW states")
@@ -199,6 +206,7 @@ class Checkpoint:
             raise UserError(f"DeepSpeed could not load checkpoint {tag_dir}")
         if self._reshard:
             load_full_states(self.engine.optimizer, self.engine.module, full_states(tag_dir))
+            load_scaler_state(self.engine.optimizer, tag_dir, self.rank)
         saved = client["lillm"]
         if "progress" not in saved and "step" in saved:  # written before the states were registered by name
             saved = {"progress": {"step": saved["step"], "tokens_seen": saved.get("tokens_seen", 0)},

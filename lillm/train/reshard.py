@@ -25,7 +25,7 @@ import torch
 from lillm.errors import UserError
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
-OPTIM_RE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+OPTIM_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 
 
 def shard_files(tag_dir: Path) -> list[Path]:
@@ -44,6 +44,9 @@ def full_states(tag_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
     states: dict[str, dict[str, torch.Tensor]] = {}
     for file in shard_files(tag_dir):
         osd = torch.load(file, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        if not isinstance(osd.get("base_optimizer_state"), dict):
+            raise UserError(f"{file}: an elastic ZeRO checkpoint; lillm re-partitions the rigid layout only "
+                            "(zero_optimization.elastic_checkpoint false)")
         for g, mapping in enumerate(osd["param_slice_mappings"]):
             flat = osd["single_partition_of_fp32_groups"][g]
             state = osd["base_optimizer_state"]["state"].get(g, {})
@@ -94,4 +97,12 @@ def load_full_states(optimizer: Any, module: torch.nn.Module, states: dict[str, 
             momentum = [states[names[id(p)]]["momentum"].flatten() for p in optimizer.params_in_partition[g]]
             inner.state[flat] = {"momentum_buffer": torch.cat(momentum).to(flat)} if momentum else {}
         elif step is not None:
-            inner.state[flat] = {"step": step.clone(), **moments}
+            inner.state[flat] = {"step": step.clone() if torch.is_tensor(step) else step, **moments}
+
+
+def load_scaler_state(optimizer: Any, tag_dir: Path, rank: int) -> None:
+    """The loss scaler (fp16) and clipping state of the saved shard this rank's partition continues, which a
+    module-only load leaves at their initial values."""
+    files = shard_files(tag_dir)
+    osd = torch.load(files[min(rank, len(files) - 1)], map_location="cpu", weights_only=False)
+    optimizer._load_global_state(osd["optimizer_state_dict"])
