@@ -50,7 +50,7 @@ def test_learning_benchmark_smoke(tmp_path):
     summary = json.loads(out.read_text())["summary"]["d128"]
     assert set(summary["sweeps"]) == {"reference", "lillm-adamw", "lillm-muon"}
     for arm in summary["sweeps"]:
-        assert len(summary["sweeps"][arm]) == 2 and 7.0 < summary[arm]["val_loss"]["mean"] < 8.4  # ln(4096) = 8.3
+        assert len(summary["sweeps"][arm]) == 2 and 6.0 < summary[arm]["val_loss"]["mean"] < 8.4  # ln(4096) = 8.3
         assert 2.0 < summary[arm]["val_bpb"]["mean"] < 4.0
     assert len(list((tmp_path / "cache").glob("*.json"))) == 6  # the finals came from the sweep's cache
     assert "| d128 | 0.89M | 0.02M | lillm-muon |" in r.stdout and "tokens to reference's loss" in r.stdout
