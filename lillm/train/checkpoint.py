@@ -167,18 +167,19 @@ class Checkpoint:
         meta = read_meta(tag_dir)
         check_compatible(meta, tag_dir, self.identity, self.world_size)
         self.resume_from, self._load_dir, self._saved_world = tag_dir, tag_dir, meta["world_size"]
+        moved = self._saved_world != self.world_size
+        muon = meta.get("train_config", {}).get("optimizer") == "muon"
         offload = ds_cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
-        if (self._saved_world != self.world_size and meta.get("train_config", {}).get("optimizer") == "muon"
-                and offload not in (None, "none")):
+        if moved and muon and offload not in (None, "none"):
             raise UserError(f"cannot resume the Muon checkpoint {tag_dir} on {self.world_size} rank(s): it was saved "
                             f"by {self._saved_world}, and with optimizer offload Muon's momentum is kept per "
                             "partition, which neither DeepSpeed's universal format nor lillm re-partitions. Resume "
                             f"with {self._saved_world} rank(s), or without offload")
-        if self._saved_world != self.world_size and meta.get("train_config", {}).get("optimizer") == "muon":
+        if moved and muon:
             log.info(f"resuming a {self._saved_world}-rank checkpoint on {self.world_size} ranks: re-partitioning "
                      f"its Muon and AdamW states")
             self._reshard = True
-        elif self._saved_world != self.world_size:
+        elif moved:
             log.info(f"resuming a {self._saved_world}-rank checkpoint on {self.world_size} ranks: converting "
                      f"{tag_dir.name} to DeepSpeed's universal format")
             if self.rank == 0:
