@@ -52,8 +52,9 @@ def zero(preset: str, ds_config: str) -> dict:
     import deepspeed
 
     from lillm.train.config import TrainConfig, plan_batches
+    from lillm.train.dist import init_distributed
     from lillm.train.ds_config import fill_ds_config, load_ds_config
-    from lillm.train.engine import init_distributed, initialize_engine, param_groups
+    from lillm.train.engine import initialize_engine, param_groups
 
     rank, world, _ = init_distributed()
     train = TrainConfig(micro_batch_size=1, max_steps=1, warmup_steps=0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from typing import Literal
 
-from lillm.errors import UserError
+from lillm.errors import UserError, run_command
 
 
 def generate(
@@ -276,7 +276,7 @@ def checkpoint(path: str, convert_universal: bool = False) -> None:
     """
     import json
 
-    from lillm.runs import check_checkpoint, read_meta, resolve_checkpoint
+    from lillm.runs import TAG_RE, check_checkpoint, read_meta, resolve_checkpoint
     from lillm.train.checkpoint import convert_to_universal
 
     tag_dir = resolve_checkpoint(path)
@@ -284,7 +284,7 @@ def checkpoint(path: str, convert_universal: bool = False) -> None:
         raise UserError(f"{path}: no checkpoint found")
     check_checkpoint(tag_dir)
     meta = read_meta(tag_dir)
-    tags = sorted(d.name for d in tag_dir.parent.iterdir() if d.is_dir() and d.name.startswith("step_"))
+    tags = sorted(d.name for d in tag_dir.parent.iterdir() if d.is_dir() and TAG_RE.match(d.name))
     print(f"checkpoint {tag_dir}\n  step {meta['step']}, saved by {meta['world_size']} rank(s)")
     print(f"  tokenizer fingerprint {meta['tokenizer_fingerprint'][:12]}")
     print(f"  model {json.dumps(meta['model_config'])}")
@@ -318,8 +318,6 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the `lillm` console script."""
     import os
 
-    from jsonargparse import CLI, ArgumentError
-
     if not os.path.exists("/proc/driver/nvidia/version"):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no NVIDIA driver: spare DeepSpeed's detection warning
     args = sys.argv[1:] if argv is None else list(argv)
@@ -332,24 +330,19 @@ def main(argv: list[str] | None = None) -> None:
             pretrain.main(args[1:])  # both mains exit with the run's status
         else:
             posttrain.main(args[0], args[1:])
+    run_command("lillm", lambda: _dispatch(argv, args))
+
+
+def _dispatch(argv: list[str] | None, args: list[str]) -> None:
+    """jsonargparse's CLI over COMMANDS; a parse error becomes one line and where to look, not the whole usage."""
+    from jsonargparse import CLI, ArgumentError
+
     try:
         CLI(COMMANDS, args=argv, prog="lillm", description="lillm: train and use small Llama-3-style models.",
             exit_on_error=False)
-    except ArgumentError as e:  # a parse error: one line and where to look, not the whole usage
+    except ArgumentError as e:
         command = next((a for a in args if a in COMMANDS), None)
-        print(f"lillm: error: {' '.join(str(e).split())} (see lillm {command + ' ' if command else ''}--help)",
-              file=sys.stderr)
-        sys.exit(2)
-    except UserError as e:
-        print(f"lillm: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:  # an output path that is a file, a permission, a full disk: name the path, no traceback
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"lillm: error: {where}{e.strerror or e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("lillm: interrupted", file=sys.stderr)
-        sys.exit(130)
+        raise UserError(f"{' '.join(str(e).split())} (see lillm {command + ' ' if command else ''}--help)") from None
 
 
 if __name__ == "__main__":

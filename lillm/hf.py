@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -165,8 +166,9 @@ def config_from_hf(cfg: dict, source: str = "config.json") -> ModelConfig:
         raise UserError(f"{source}: {e}") from None
 
 
-def import_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LilLM:
-    """Load a transformers Llama directory (config.json + safetensors) as a LilLM."""
+def import_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, **runtime: Any) -> LilLM:
+    """Load a transformers Llama directory (config.json + safetensors) as a LilLM (`runtime`: its constructor's
+    activation_checkpointing and packed_attention)."""
     path = Path(path)
     cfg_file = path / "config.json"
     cfg = read_json(cfg_file, f"{path}: no config.json, not a transformers model directory")
@@ -186,7 +188,7 @@ def import_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Li
         except KeyError:
             raise UserError(f"{path}: unexpected weight {name!r}") from None
     with torch.device("meta"):
-        model = LilLM(config)
+        model = LilLM(config, **runtime)
     model = model.to_empty(device="cpu").to(dtype)
     model.tie_weights()
     if config.tie_embeddings:

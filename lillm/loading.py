@@ -33,18 +33,19 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def load_model(path: str | os.PathLike) -> tuple[LilLM, Tokenizer | None]:
+def load_model(path: str | os.PathLike, **runtime: Any) -> tuple[LilLM, Tokenizer | None]:
     """Load from an exported transformers directory, a training run directory or a checkpoint directory.
 
-    Returns the fp32 model on CPU and the tokenizer found next to it (None when there is none).
+    Returns the fp32 model on CPU and the tokenizer found next to it (None when there is none); `runtime`
+    goes to the `LilLM` constructor (activation_checkpointing, packed_attention).
     """
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p}: no such file or directory")
     if (p / "config.json").is_file():
-        return import_hf(p), stored_tokenizer(p)
+        return import_hf(p, **runtime), stored_tokenizer(p)
     if is_checkpoint_path(p):
-        return load_model_from_checkpoint(p)
+        return load_model_from_checkpoint(p, **runtime)
     raise UserError(
         f"{p}: not a model directory (expected an exported directory with config.json, "
         "a training run directory, or a checkpoint directory)"
@@ -69,7 +70,7 @@ def stored_tokenizer(path: str | os.PathLike) -> Tokenizer | None:
     return load_tokenizer(where) if (where / "tokenizer.json").is_file() else None
 
 
-def load_model_from_checkpoint(path: str | os.PathLike) -> tuple[LilLM, Tokenizer | None]:
+def load_model_from_checkpoint(path: str | os.PathLike, **runtime: Any) -> tuple[LilLM, Tokenizer | None]:
     """(LilLM in fp32, Tokenizer or None) from a run directory or checkpoint.
 
     A LoRA checkpoint holds only its adapter: the base named by `init_from` is loaded, checked against the
@@ -80,9 +81,9 @@ def load_model_from_checkpoint(path: str | os.PathLike) -> tuple[LilLM, Tokenize
     check_checkpoint(tag_dir)
     meta = read_meta(tag_dir)
     if (meta.get("lora") or {}).get("rank", 0) > 0:
-        model = load_lora_checkpoint(tag_dir, meta)
+        model = load_lora_checkpoint(tag_dir, meta, **runtime)
     else:
-        model = LilLM(ModelConfig.from_dict(meta["model_config"]))
+        model = LilLM(ModelConfig.from_dict(meta["model_config"]), **runtime)
         state = consolidated_state_dict(tag_dir)
         if model.config.tie_embeddings:
             state.setdefault("output.weight", state["tok_embeddings.weight"])
@@ -102,11 +103,11 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("_orig_mod."): v for k, v in state.items()}
 
 
-def load_lora_checkpoint(tag_dir: Path, meta: dict[str, Any]) -> LilLM:
+def load_lora_checkpoint(tag_dir: Path, meta: dict[str, Any], **runtime: Any) -> LilLM:
     """The base model with this checkpoint's adapter merged in."""
     from safetensors.torch import load_file
 
-    base, _ = load_model(meta["init_from"])
+    base, _ = load_model(meta["init_from"], **runtime)
     if base_fingerprint(base) != meta["base_fingerprint"]:
         raise UserError(f"{tag_dir}: this LoRA adapter was trained on another base model than the one now at "
                         f"{meta['init_from']} (weights differ); restore that base to use the adapter")

@@ -215,7 +215,10 @@ class Block(nn.Module):
 class LilLM(nn.Module):
     """Token ids (B, T) in, logits (B, T, vocab_size) out. The loss lives in `lillm.train.loss`."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, *, activation_checkpointing: bool = False,
+                 packed_attention: Literal["auto", "flex", "dense"] = "auto") -> None:
+        """`config` is the shape (what checkpoints record); the other two are how this instance computes, which
+        changes no result: memory (activation checkpointing) and the kernel for packed rows."""
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
@@ -227,9 +230,9 @@ class LilLM(nn.Module):
         # Not persistent: derived from the config, so checkpoints carry weights only.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.activation_checkpointing = False
+        self.activation_checkpointing = activation_checkpointing
         """Recompute each block's activations in the backward pass instead of storing them."""
-        self.packed_attention: Literal["auto", "flex", "dense"] = "auto"
+        self.packed_attention = packed_attention
         """How packed rows (`documents`) attend: 'flex' (compiled flex attention, block-sparse, no (T, T) mask),
         'dense' (SDPA with a boolean (B, 1, T, T) mask), 'auto' (flex on CUDA, dense elsewhere)."""
 
@@ -244,14 +247,10 @@ class LilLM(nn.Module):
         n_layers)) (GPT-2's depth scaling: each block adds two residual writes), so every block starts close
         to the identity.
 
-        Chosen by measurement (README "Learning quality"): trained with lillm's recipe at the debug shape
-        (240 steps of 8,192 tokens, seed 1, all else equal), the previous scheme, N(0, 0.02) for every
-        matrix with the same depth-scaled residual writes, ended 0.44 nats worse (val loss 5.314 against
-        4.874). With it and lr 3e-3, `benchmarks/learning.py` puts lillm 0.17 nats ahead of the reference
-        recipe there.
-        A likely reason, not separately measured: at 0.02 the tied output starts with logits of std
-        0.02 * sqrt(d_model) (0.23 at d_model 128), and Adam's roughly lr-sized steps are then large
-        relative to every weight.
+        Chosen by measurement (docs/learning-quality.md): with AdamW at the debug shape, N(0, 0.02) for every
+        matrix ends 0.44 nats worse (val loss 5.314 against 4.874, 240 steps of 8,192 tokens); at 0.02 the tied
+        output starts with logits of std 0.02 * sqrt(d_model), and Adam's roughly lr-sized steps are then large
+        relative to every weight. Under Muon (the shipped recipe) the two inits end within 0.03 nats.
 
         Kept out of `__init__` so the model can be built on the meta device (or by a sharding engine) and
         initialised afterwards; draws from torch's global RNG, which the trainer seeds.
@@ -325,7 +324,7 @@ class LilLM(nn.Module):
         """The attention mask of packed rows (B, T) for a `dtype` forward: a flex BlockMask when
         `packed_attention` asks for flex and it runs here, else the dense (B, 1, T, T) mask."""
         # 'auto' is dense off CUDA: torch has no flex attention backward on CPU (benchmarks/packed_attention.py
-        # measures both there, forward only; README "Performance").
+        # measures both there, forward only; docs/performance.md).
         flex = self.packed_attention == "flex" or (self.packed_attention == "auto" and documents.device.type == "cuda")
         c = self.config
         # Inside torch.compile the probe is skipped (calling it would break the graph on every forward): a flex

@@ -40,6 +40,11 @@ def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def universal_dir(tag_dir: Path) -> Path:
+    """Where a tag's universal-format copy lives (made on demand, for a resume at another world size)."""
+    return tag_dir.with_name(tag_dir.name + "_universal")
+
+
 def read_meta(tag_dir: Path) -> dict[str, Any]:
     """A checkpoint's lillm.json; refuses a tag that has none (an interrupted save)."""
     f = tag_dir / META

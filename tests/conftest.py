@@ -74,7 +74,7 @@ def process_group():
     The environment it was made from is restored at once, so later subprocesses do not inherit it."""
     import torch.distributed as dist
 
-    from lillm.train.engine import init_distributed
+    from lillm.train.dist import init_distributed
 
     saved = dict(os.environ)
     init_distributed()

@@ -77,3 +77,13 @@ def test_the_checker_sees_cycles_and_upward_imports():
     graph = import_graph()
     assert "lillm.runs" in graph["lillm.loading"] and "lillm.loading" in graph["lillm.train.posttrain"]
     assert layer("lillm.data.examples") < layer("lillm.train.loss")
+
+
+def test_no_function_in_lillm_is_longer_than_60_lines():
+    """Long functions hide their steps; name them instead (`lillm.data.prepare.prepare` reads as its steps)."""
+    long = []
+    for path in sorted((REPO / "lillm").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
+    assert not long, long

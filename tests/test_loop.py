@@ -92,6 +92,26 @@ def test_accumulation_equals_a_bigger_micro_batch(process_group, pretrain_shards
     assert accum.progress.tokens_seen == big.progress.tokens_seen == 4 * 4 * 32
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_the_run_records_the_shipped_ds_config_filled_in(process_group, pretrain_shards, tmp_path, optimizer):
+    """ds_config.json in the run directory is the shipped JSON with every "auto" filled from the training
+    config, the optimizer section included (lillm builds AdamW from it; DeepSpeed builds Muon from it)."""
+    from lillm.train.config import plan_batches
+    from lillm.train.ds_config import fill_ds_config, load_ds_config
+
+    extra = ["--train.optimizer", optimizer, "--train.max_steps", "1"] + (["--train.grad_clip", "0"]
+                                                                        if optimizer == "muon" else [])
+    trainer = pretrainer(pretrain_shards, tmp_path / optimizer, *extra)
+    assert trainer.fit() == 0
+    shipped = load_ds_config(REPO / "ds_configs/zero2_cpu.json")
+    assert shipped["optimizer"]["type"] == "auto"
+    expected = fill_ds_config(shipped, trainer.train, plan_batches(trainer.train, 32, 1))
+    recorded = json.loads((tmp_path / optimizer / "ds_config.json").read_text())
+    assert recorded == expected
+    assert recorded["optimizer"]["type"] == {"adamw": "AdamW", "muon": "Muon"}[optimizer]
+    assert recorded["optimizer"]["params"]["lr"] == trainer.train.lr
+
+
 def test_eval_log_and_checkpoint_cadence_and_in_process_resume(process_group, pretrain_shards, tmp_path):
     cadence = ["--train.max_steps", "7", "--train.log_interval", "3", "--train.eval_interval", "2",
                "--train.eval_batches", "2", "--train.ckpt_interval", "3", "--train.keep_checkpoints", "2"]
@@ -239,7 +259,7 @@ def counts_of(prof) -> tuple[int, int]:
 
 @pytest.mark.parametrize("task,max_bad_steps", [("pretrain", "0"), ("sft", "2"), ("dpo", "0")])
 def test_steps_between_agreements_wait_for_nothing_deepspeed_does_not(process_group, pretrain_shards, chat_base,
-                                                                       chat_data, tmp_path, monkeypatch, task,
+                                                                       chat_data, tmp_path, task,
                                                                        max_bad_steps):
     """A whole loop iteration outside log, eval, checkpoint and agreement steps adds no host read of a device
     value (`.item()`, `float(t)`, `bool(t)`) and no collective to what DeepSpeed's own forward/backward/step
@@ -256,18 +276,17 @@ def test_steps_between_agreements_wait_for_nothing_deepspeed_does_not(process_gr
     else:
         trainer = posttrainer(task, chat_base, chat_data[task], tmp_path / task, *extra)
     iterations, current = [], []
-    apply_lr = loop.apply_lr
 
-    def profiled_apply_lr(*args):  # called once at the top of every iteration: one profile per iteration
-        if current:
-            current[0].stop()
-            iterations.append(counts_of(current.pop()))
-        current.append(profile(activities=[ProfilerActivity.CPU]))
-        current[0].start()
-        return apply_lr(*args)
+    class Profiled(loop.Hooks):
+        def before_step(self, trainer):  # one profile per iteration
+            if current:
+                current[0].stop()
+                iterations.append(counts_of(current.pop()))
+            current.append(profile(activities=[ProfilerActivity.CPU]))
+            current[0].start()
 
-    monkeypatch.setattr(loop, "apply_lr", profiled_apply_lr)
-    monkeypatch.setattr(loop, "AGREE_SECONDS", 1e9)  # agree every AGREE_EVERY steps however slow this machine is
+    trainer.hooks = Profiled()
+    trainer.cadence.agree_seconds = 1e9  # agree every agree_every steps however slow this machine is
     assert trainer.fit() == 0
     current[0].stop()
     assert len(iterations) == 4  # steps 1-4 (step 1 agrees, to measure the step time); step 5, the last, saves
@@ -302,24 +321,25 @@ def test_steps_between_agreements_wait_for_nothing_deepspeed_does_not(process_gr
     assert set(iterations[1:]) == set(bare[1:]), (iterations, bare)
 
 
-def test_agreements_follow_the_step_time(process_group, pretrain_shards, tmp_path, monkeypatch):
+def test_agreements_follow_the_step_time(process_group, pretrain_shards, tmp_path):
     """Between log, eval and checkpoint steps the ranks agree after the first step, then every AGREE_EVERY
     steps, or every step when a step takes longer than AGREE_SECONDS (so a signal is answered in time)."""
     from lillm.train import loop
 
     seen = {}
+
+    class Counted(loop.Hooks):
+        def __init__(self, steps):
+            self.steps = steps
+
+        def after_agreement(self, trainer):
+            self.steps.append(trainer.progress.step)
+
     for seconds in (1e9, 0.0):
-        monkeypatch.setattr(loop, "AGREE_SECONDS", seconds)
         trainer = pretrainer(pretrain_shards, tmp_path / str(seconds), "--train.max_steps", "12",
                              "--train.log_interval", "1000", "--train.ckpt_interval", "1000")
-        steps, agree = [], trainer.agree
-
-        def counted(stop, trainer=trainer, agree=agree, steps=steps):
-            steps.append(trainer.progress.step)
-            return agree(stop)
-
-        trainer.agree = counted
+        trainer.cadence.agree_seconds = seconds
+        trainer.hooks = Counted(seen.setdefault(seconds, []))
         assert trainer.fit() == 0
-        seen[seconds] = steps
     assert seen[1e9] == [1, 1 + loop.AGREE_EVERY, 12]
     assert seen[0.0] == list(range(1, 13))

@@ -311,7 +311,7 @@ def test_a_rank_that_crashes_mid_training_ends_the_job_within_seconds(data, tmp_
 def test_a_stale_deepspeed_build_lock_does_not_wedge_a_launch(data, tmp_path):
     """A build of DeepSpeed's CPU op killed mid-way leaves torch's lock file; later launches used to wait for
     it forever. lillm removes a lock older than any build and goes on."""
-    from lillm.train.engine import build_ops
+    from lillm.train.ops import build_ops
 
     built = Path(sys.prefix) / "torch_extensions"
     if not (built / "deepspeed_shm_comm").is_dir():

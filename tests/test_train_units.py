@@ -1,5 +1,6 @@
 """Training components without a process group: schedule, batch arithmetic, ds_config, checkpoints, configs."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import torch
 from lillm import LilLM, ModelConfig
 from lillm.errors import UserError
 from lillm.runs import resolve_checkpoint
-from lillm.train.checkpoint import Checkpoint
+from lillm.train.checkpoint import Checkpoint, RunIdentity
 from lillm.train.config import TrainConfig, plan_batches
 from lillm.train.ds_config import fill_ds_config, load_ds_config
 from lillm.train.pretrain import parse_config
@@ -134,14 +135,12 @@ class _Engine(_FailingEngine):
         torch.save(client_state, d / "mp_rank_00_model_states.pt")
 
 
-IDENTITY = {"objective": "pretrain", "model_config": {}, "tokenizer_fingerprint": "x"}
+IDENTITY = RunIdentity("pretrain", {}, "x", {})
 
 
 def test_disk_full_during_save_keeps_previous_checkpoint(tmp_path):
-    ck = Checkpoint(tmp_path, IDENTITY, "a: 1\n", keep=2, rank=0, world_size=1)
-    ck.register(_Engine())
-    ck.save(5)
-    ck.register(_FailingEngine())
+    Checkpoint(tmp_path, IDENTITY, "a: 1\n", keep=2, rank=0, world_size=1, engine=_Engine()).save(5)
+    ck = Checkpoint(tmp_path, IDENTITY, "a: 1\n", keep=2, rank=0, world_size=1, engine=_FailingEngine())
     with pytest.raises(UserError, match=r"No space left on device.*step_00000005\) is intact"):
         ck.save(10)
     assert (tmp_path / "checkpoints/latest").read_text() == "step_00000005"
@@ -150,8 +149,7 @@ def test_disk_full_during_save_keeps_previous_checkpoint(tmp_path):
 
 
 def test_keep_last_k_and_resolution(tmp_path):
-    ck = Checkpoint(tmp_path, IDENTITY, "a: 1\n", keep=2, rank=0, world_size=1)
-    ck.register(_Engine())
+    ck = Checkpoint(tmp_path, IDENTITY, "a: 1\n", keep=2, rank=0, world_size=1, engine=_Engine())
     for step in (1, 2, 3):
         ck.save(step)
     tags = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
@@ -274,9 +272,8 @@ def test_muon_groups_and_their_learning_rate_follow_the_schedule():
         assert Optimizer.param_groups[1]["lr"] == Optimizer.param_groups[2]["lr"] == lr
 
 
-def test_a_checkpoint_of_another_optimizer_is_refused(tmp_path):
-    from lillm.train.checkpoint import check_compatible
-
-    meta = {**IDENTITY, "train_config": {"optimizer": "adamw"}, "world_size": 1}
-    with pytest.raises(UserError, match="trained with optimizer adamw, this run uses muon"):
-        check_compatible(meta, tmp_path, {**IDENTITY, "train_config": {"optimizer": "muon"}}, 1)
+def test_a_checkpoint_of_another_optimizer_is_refused():
+    saved = {**IDENTITY.to_dict(), "train_config": {"optimizer": "adamw"}, "world_size": 1}
+    muon = dataclasses.replace(IDENTITY, train_config={"optimizer": "muon"})
+    assert "trained with optimizer adamw, this run uses muon" in muon.refusal(saved, 1)
+    assert dataclasses.replace(IDENTITY, train_config={"optimizer": "adamw"}).refusal(saved, 1) is None

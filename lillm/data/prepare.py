@@ -222,102 +222,145 @@ def prepare(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Tokenize `source` (a TextSource, or an in-memory `datasets.Dataset`/`IterableDataset` with a "text"
-    column) into shards under `out_dir`; returns the manifest."""
+    column) into shards under `out_dir`; returns the manifest.
+
+    In steps: check the options; decide what an existing directory means (already done, to be replaced, or
+    refused); encode into new shard files; write the manifest, which is what makes them count. A failure
+    before the manifest removes this run's files and leaves an earlier manifest valid."""
     if not isinstance(source, TextSource):
         source = dataset_source(source)
+    _check_options(shard_tokens, num_workers, val_fraction)
+    tok = load_tokenizer(tokenizer_dir)
+    dtype = token_dtype(tok.vocab_size)
+    out = Path(out_dir)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"source": source.describe(), "tokenizer_fingerprint": tok.fingerprint, "shard_tokens": shard_tokens,
+                "val_fraction": val_fraction}
+    done, keep = _existing(out, settings, overwrite)
+    if done is not None:
+        return done
+    if removed := _clean_leftovers(out, keep):
+        print(f"removed {removed} leftover shard file(s) of an interrupted run")
+    run_id = hashlib.sha256(f"{time.time_ns()}{os.getpid()}".encode()).hexdigest()[:8]
+    writers = {s: ShardWriter(out, s, run_id, shard_tokens, dtype, tok.eos_id) for s in ("train", "val")}
+    counter = _Counter(progress)
+    try:
+        _encode_all(_batches(source, batch_docs, batch_bytes=8 << 20), writers, counter, num_workers, tok.tok.to_str(),
+                    val_fraction, dtype)
+        if all(w.summary()["documents"] == 0 for w in writers.values()):
+            raise UserError(f"source {source.spec!r} holds no documents")
+    except BaseException:
+        counter.close()
+        _clean_leftovers(out, keep)  # what this run wrote is unreferenced; the old manifest stays valid
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    counter.close()
+    tok.save(out / "tokenizer")
+    manifest = _manifest(settings, source, tok, dtype, writers, counter)
+    write_json_atomic(out / MANIFEST, manifest)
+    _clean_leftovers(out, {s["file"] for w in writers.values() for s in w.shards})
+    elapsed = time.time() - counter.start
+    print(
+        f"prepared {source.stats['documents']:,} documents, {counter.tokens:,} tokens "
+        f"(train {manifest['splits']['train']['tokens']:,}, val {manifest['splits']['val']['tokens']:,}) "
+        f"in {elapsed:.1f}s: {counter.bytes / elapsed / 1e6:.2f} MB/s"
+        + (f"; {source.stats['replaced_documents']} document(s) had undecodable bytes replaced"
+           if source.stats["replaced_documents"] else "")
+    )
+    return manifest
+
+
+def _check_options(shard_tokens: int, num_workers: int, val_fraction: float) -> None:
     if shard_tokens < 1024:
         raise UserError(f"shard_tokens={shard_tokens} is too small (at least 1024)")
     if num_workers < 0:
         raise UserError(f"num_workers must be >= 0, got {num_workers}")
     if not 0 <= val_fraction < 1:
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    tok = load_tokenizer(tokenizer_dir)
-    dtype = token_dtype(tok.vocab_size)
-    out = Path(out_dir)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    settings = {
-        "source": source.describe(),
-        "tokenizer_fingerprint": tok.fingerprint,
-        "shard_tokens": shard_tokens,
-        "val_fraction": val_fraction,
-    }
-    keep: set[str] = set()
-    if (out / MANIFEST).is_file():
-        try:
-            old = read_manifest(out)
-        except UserError:
-            if not overwrite:
-                raise
-            old = {"settings": None, "splits": {}}  # a damaged manifest names nothing worth keeping
-        if old.get("settings") == settings and not overwrite:
-            train_tokens = sum(s["tokens"] for s in old["splits"]["train"]["shards"])
-            print(f"{out}: already prepared with these settings ({train_tokens:,} train tokens)")
-            return old
-        if not overwrite:
-            raise UserError(f"{out} already holds shards made with other settings; pass --overwrite to replace them")
-        keep = {s["file"] for split in old["splits"].values() for s in split["shards"]}
-    removed = _clean_leftovers(out, keep)
-    if removed:
-        print(f"removed {removed} leftover shard file(s) of an interrupted run")
 
-    run_id = hashlib.sha256(f"{time.time_ns()}{os.getpid()}".encode()).hexdigest()[:8]
-    writers = {s: ShardWriter(out, s, run_id, shard_tokens, dtype, tok.eos_id) for s in ("train", "val")}
-    workers = num_workers
-    tok_json = tok.tok.to_str()
-    bar = None  # opened with the first batch: a source that holds nothing prints only its error
-    start, n_bytes, n_tokens = time.time(), 0, 0
+
+def _existing(out: Path, settings: dict[str, Any], overwrite: bool) -> tuple[dict[str, Any] | None, set[str]]:
+    """What `out` already holds: (its manifest, when it was prepared with these settings and nothing is to be
+    overwritten; else None) and the shard files an existing manifest names (kept until the new one exists).
+    Refuses shards of other settings without `overwrite`."""
+    if not (out / MANIFEST).is_file():
+        return None, set()
+    try:
+        old = read_manifest(out)
+    except UserError:
+        if not overwrite:
+            raise
+        old = {"settings": None, "splits": {}}  # a damaged manifest names nothing worth keeping
+    if old.get("settings") == settings and not overwrite:
+        train_tokens = sum(s["tokens"] for s in old["splits"]["train"]["shards"])
+        print(f"{out}: already prepared with these settings ({train_tokens:,} train tokens)")
+        return old, set()
+    if not overwrite:
+        raise UserError(f"{out} already holds shards made with other settings; pass --overwrite to replace them")
+    return None, {s["file"] for split in old["splits"].values() for s in split["shards"]}
+
+
+class _Counter:
+    """Bytes and tokens encoded so far, and the progress bar (opened with the first batch, so a source that
+    holds nothing prints only its error)."""
+
+    def __init__(self, progress: bool) -> None:
+        self.progress, self.bar = progress, None
+        self.start, self.bytes, self.tokens = time.time(), 0, 0
+
+    def add(self, size: int, tokens: int) -> None:
+        if self.bar is None:
+            self.bar = tqdm(total=None, unit="B", unit_scale=True, desc="prepare", disable=not self.progress,
+                            smoothing=0.1)
+        self.bytes += size
+        self.tokens += tokens
+        self.bar.update(size)
+        elapsed = max(time.time() - self.start, 1e-9)
+        self.bar.set_postfix_str(f"{self.bytes / elapsed / 1e6:.2f} MB/s, {self.tokens / elapsed / 1e3:.0f}k tok/s",
+                                 refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _encode_all(batches: Any, writers: dict[str, ShardWriter], counter: _Counter, workers: int, tok_json: str,
+                val_fraction: float, dtype: np.dtype) -> None:
+    """Encode every batch into the writers (in source order) and flush them."""
 
     def consume(result: tuple[list[np.ndarray], np.ndarray, int]) -> None:
-        nonlocal n_bytes, n_tokens, bar
-        if bar is None:
-            bar = tqdm(total=None, unit="B", unit_scale=True, desc="prepare", disable=not progress, smoothing=0.1)
         arrays, flags, size = result
         for arr, val in zip(arrays, flags):
             writers["val" if val else "train"].add(arr)
-            n_tokens += len(arr)
-        n_bytes += size
-        bar.update(size)
-        elapsed = max(time.time() - start, 1e-9)
-        bar.set_postfix_str(f"{n_bytes / elapsed / 1e6:.2f} MB/s, {n_tokens / elapsed / 1e3:.0f}k tok/s", refresh=False)
+        counter.add(size, sum(len(arr) for arr in arrays))
 
-    batches = _batches(source, batch_docs, batch_bytes=8 << 20)
-    try:
-        if workers <= 1:
-            # One process; with workers=0 the tokenizer's own (Rust, GIL-free) thread pool spreads each batch
-            # over every core, which beats worker processes on small machines: no pickling, no IPC.
-            _init_worker(tok_json, threads=workers == 0)
+    if workers <= 1:
+        # One process; with workers=0 the tokenizer's own (Rust, GIL-free) thread pool spreads each batch
+        # over every core, which beats worker processes on small machines: no pickling, no IPC.
+        _init_worker(tok_json, threads=workers == 0)
+        for batch in batches:
+            consume(_encode(batch, val_fraction, dtype.str))
+    else:
+        ctx = mp.get_context("spawn")  # no fork: the parent may hold tokenizer threads
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(tok_json,)) as pool:
+            # A bounded window of batches in flight keeps memory flat whatever the corpus size.
+            pending: deque = deque()
             for batch in batches:
-                consume(_encode(batch, val_fraction, dtype.str))
-        else:
-            ctx = mp.get_context("spawn")  # no fork: the parent may hold tokenizer threads
-            with ctx.Pool(workers, initializer=_init_worker, initargs=(tok_json,)) as pool:
-                # A bounded window of batches in flight keeps memory flat whatever the corpus size.
-                pending: deque = deque()
-                for batch in batches:
-                    pending.append(pool.apply_async(_encode, (batch, val_fraction, dtype.str)))
-                    if len(pending) >= 2 * workers:
-                        consume(pending.popleft().get())
-                while pending:
+                pending.append(pool.apply_async(_encode, (batch, val_fraction, dtype.str)))
+                if len(pending) >= 2 * workers:
                     consume(pending.popleft().get())
-        for w in writers.values():
-            w.flush()
-    except BaseException:
-        if bar is not None:
-            bar.close()
-        _clean_leftovers(out, keep)  # what this run wrote is unreferenced; the old manifest stays valid
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    if bar is not None:
-        bar.close()
-    if writers["train"].summary()["documents"] == 0 and writers["val"].summary()["documents"] == 0:
-        _clean_leftovers(out, keep)
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise UserError(f"source {source.spec!r} holds no documents")
-    tok.save(out / "tokenizer")
-    manifest = {
+            while pending:
+                consume(pending.popleft().get())
+    for w in writers.values():
+        w.flush()
+
+
+def _manifest(settings: dict[str, Any], source: TextSource, tok: Any, dtype: np.dtype,
+              writers: dict[str, ShardWriter], counter: _Counter) -> dict[str, Any]:
+    return {
         "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "settings": settings,
@@ -328,23 +371,12 @@ def prepare(
             "special_ids": {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id, "eot": tok.eot_id},
         },
         "dtype": dtype.name,
-        "shard_tokens": shard_tokens,
-        "val_fraction": val_fraction,
+        "shard_tokens": settings["shard_tokens"],
+        "val_fraction": settings["val_fraction"],
         "splits": {s: w.summary() for s, w in writers.items()},
-        "totals": {"tokens": n_tokens, "documents": source.stats["documents"], "text_bytes": n_bytes,
+        "totals": {"tokens": counter.tokens, "documents": source.stats["documents"], "text_bytes": counter.bytes,
                    "replaced_documents": source.stats["replaced_documents"]},
     }
-    write_json_atomic(out / MANIFEST, manifest)
-    _clean_leftovers(out, {s["file"] for w in writers.values() for s in w.shards})
-    elapsed = time.time() - start
-    print(
-        f"prepared {source.stats['documents']:,} documents, {n_tokens:,} tokens "
-        f"(train {manifest['splits']['train']['tokens']:,}, val {manifest['splits']['val']['tokens']:,}) "
-        f"in {elapsed:.1f}s: {n_bytes / elapsed / 1e6:.2f} MB/s"
-        + (f"; {source.stats['replaced_documents']} document(s) had undecodable bytes replaced"
-           if source.stats["replaced_documents"] else "")
-    )
-    return manifest
 
 
 def verify(data_dir: str | os.PathLike, checksums: bool = True) -> dict[str, Any]:

@@ -1,10 +1,12 @@
-"""ZeRO checkpoints for training: one object that saves and restores every stateful part of a run.
+"""ZeRO checkpoints for training: what a run is, how to resume it, and one object that saves and restores it.
 
-`Checkpoint` is handed the run's identity (model config, tokenizer, objective, LoRA settings ...) when it
-is made, and its stateful parts (the engine, the loader, the progress counters) once they exist. It then
-decides everything about resuming: which checkpoint (`train.resume`), whether it fits this run, how to
-load one saved by another number of ranks (DeepSpeed's universal format), and what goes where in the
-files. The training loop only calls `save(step)`.
+- `RunIdentity`: what makes a run itself (objective, model shape, tokenizer, LoRA and its base ...), written
+  into every checkpoint's lillm.json, and what refuses a checkpoint of another run.
+- `plan_resume`: a pure function of `train.resume`, the run directory and this run, deciding before the
+  engine exists which checkpoint to load and how (as saved; DeepSpeed's universal format at another world
+  size; re-partitioned by lillm for Muon). The engine config is derived from its answer.
+- `Checkpoint`: made with the engine and the run's stateful parts (loader, progress); `restore(plan)` once,
+  then `save(step)` at every checkpoint step.
 
 Saving is all-or-nothing: every rank writes its shard, rank 0 writes `lillm.json` last and only then moves
 `latest`, so a crash mid-save leaves the previous checkpoint in charge. The layout is in `lillm.runs`.
@@ -12,6 +14,7 @@ Saving is all-or-nothing: every rank writes its shard, rank 0 writes `lillm.json
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -19,7 +22,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -40,6 +43,7 @@ from lillm.runs import (
     read_meta,
     resolve_checkpoint,
     tag_for,
+    universal_dir,
 )
 from lillm.train.reshard import full_states, load_full_states, load_scaler_state
 
@@ -74,10 +78,10 @@ def universal_info() -> dict[str, Any]:
 
 def convert_to_universal(tag_dir: Path) -> Path:
     """Run DeepSpeed's `ds_to_universal` on a tag (once; the result is reused), atomically."""
-    out = tag_dir.with_name(tag_dir.name + "_universal")
+    out = universal_dir(tag_dir)
     if (out / META).is_file():
         return out
-    tmp = tag_dir.with_name(tag_dir.name + "_universal.tmp")
+    tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
            "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
@@ -91,133 +95,161 @@ def convert_to_universal(tag_dir: Path) -> Path:
     return out
 
 
-def check_compatible(meta: dict[str, Any], tag_dir: Path, identity: dict[str, Any], world: int) -> None:
-    """Refuse, before anything is loaded, a checkpoint of another run: another model shape, tokenizer,
-    objective, LoRA setting or LoRA base; and a LoRA checkpoint at another world size."""
-    now = identity["model_config"]
-    if meta["model_config"] != now:
-        diff = {k: (v, now.get(k)) for k, v in meta["model_config"].items() if now.get(k) != v}
-        raise UserError(f"cannot resume {tag_dir}: it was trained with another model config (saved, now): {diff}")
-    if meta["tokenizer_fingerprint"] != identity["tokenizer_fingerprint"]:
-        raise UserError(f"cannot resume {tag_dir}: it was trained with another tokenizer")
-    saved_opt = meta.get("train_config", {}).get("optimizer", "adamw")
-    now_opt = identity.get("train_config", {}).get("optimizer", "adamw")
-    if saved_opt != now_opt:
-        raise UserError(f"cannot resume {tag_dir}: it was trained with optimizer {saved_opt}, this run uses {now_opt} "
-                        f"(set train.optimizer {saved_opt}, or start a new train.run_dir)")
-    saved, objective = meta.get("objective", "pretrain"), identity["objective"]
-    if saved != objective:
-        raise UserError(f"cannot resume {tag_dir}: it is a {saved} checkpoint, this is a {objective} run (start a "
-                        f"new train.run_dir, with init_from={tag_dir})")
-    lora = identity.get("lora")
-    if meta.get("lora") != lora:
-        raise UserError(f"cannot resume {tag_dir}: its LoRA settings {meta.get('lora')} differ from {lora}")
-    if lora and meta.get("base_fingerprint") != identity["base_fingerprint"]:
-        raise UserError(f"cannot resume {tag_dir}: its LoRA adapter was trained on another base model than "
-                        f"{identity['init_from']}")
-    if lora and meta["world_size"] != world:
-        # DeepSpeed's universal conversion of a checkpoint without its frozen weights loads back wrong
-        # adapter/optimizer states (measured: losses off by 0.25 after resume), so it is refused.
-        raise UserError(f"cannot resume the LoRA checkpoint {tag_dir} on {world} rank(s): it was saved by "
-                        f"{meta['world_size']}, and LoRA checkpoints resume only at their own world size. Resume "
-                        f"with {meta['world_size']} rank(s), or start a new run with init_from={tag_dir}")
+@dataclasses.dataclass(frozen=True)
+class RunIdentity:
+    """What makes a run itself: a checkpoint resumes only a run with the same identity (its lillm.json holds
+    these fields). The train section is recorded whole; of it only the optimizer must match."""
+
+    objective: str
+    """'pretrain', 'sft' or 'dpo'."""
+    model_config: dict[str, Any]
+    tokenizer_fingerprint: str
+    train_config: dict[str, Any]
+    init_from: str | None = None
+    """Post-training: the resolved starting model."""
+    lora: dict[str, Any] | None = None
+    """Post-training with LoRA: its settings (the checkpoint then holds the adapter, not the base)."""
+    base_fingerprint: str | None = None
+    """Post-training with LoRA: the base model's weights' fingerprint."""
+
+    @property
+    def frozen_base(self) -> bool:
+        return bool(self.lora)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The lillm.json fields; pretraining has no starting model, so it leaves the post-training ones out."""
+        out = dataclasses.asdict(self)
+        if self.objective == "pretrain":
+            for key in ("init_from", "lora", "base_fingerprint"):
+                del out[key]
+        return out
+
+    def refusal(self, saved: dict[str, Any], world: int) -> str | None:
+        """Why the run that saved `saved` (a checkpoint's lillm.json) is not this one, or cannot be resumed on
+        `world` ranks; None when it can."""
+        if saved["model_config"] != self.model_config:
+            diff = {k: (v, self.model_config.get(k)) for k, v in saved["model_config"].items()
+                    if self.model_config.get(k) != v}
+            return f"it was trained with another model config (saved, now): {diff}"
+        if saved["tokenizer_fingerprint"] != self.tokenizer_fingerprint:
+            return "it was trained with another tokenizer"
+        was, now = saved.get("train_config", {}).get("optimizer", "adamw"), self.train_config.get("optimizer", "adamw")
+        if was != now:
+            return f"it was trained with optimizer {was}, this run uses {now} (set train.optimizer {was}, or start a " \
+                   "new train.run_dir)"
+        if saved.get("objective", "pretrain") != self.objective:
+            return f"it is a {saved.get('objective', 'pretrain')} checkpoint, this is a {self.objective} run (start " \
+                   "a new train.run_dir, with init_from=<this checkpoint>)"
+        if saved.get("lora") != self.lora:
+            return f"its LoRA settings {saved.get('lora')} differ from {self.lora}"
+        if self.lora and saved.get("base_fingerprint") != self.base_fingerprint:
+            return f"its LoRA adapter was trained on another base model than {self.init_from}"
+        if self.lora and saved["world_size"] != world:
+            # DeepSpeed's universal conversion of a checkpoint without its frozen weights loads back wrong
+            # adapter/optimizer states (losses off by 0.25 after resume), so it is refused.
+            return f"it is a LoRA checkpoint saved by {saved['world_size']} rank(s), and LoRA checkpoints resume " \
+                   f"only at their own world size. Resume with {saved['world_size']} rank(s), or start a new run " \
+                   "with init_from=<this checkpoint>"
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumePlan:
+    """Which checkpoint a run resumes from and how it loads it."""
+
+    tag_dir: Path | None = None
+    """None: a fresh start."""
+    saved_world: int = 0
+    """The number of ranks that saved it."""
+    mode: Literal["fresh", "as_saved", "universal", "reshard"] = "fresh"
+    """'as_saved': same world size. 'universal': another world size, through DeepSpeed's universal format.
+    'reshard': another world size with Muon, whose momentum lillm re-partitions (`lillm.train.reshard`)."""
+    notes: tuple[str, ...] = ()
+    """What to tell the user (a fallback from a damaged checkpoint, a conversion)."""
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def load_universal(self) -> bool:
+        return self.mode == "universal"
+
+
+def plan_resume(spec: str, run_dir: str | os.PathLike, identity: RunIdentity, world: int,
+                ds_cfg: dict[str, Any]) -> ResumePlan:
+    """The checkpoint `spec` names ('auto', 'none', a tag or a path), checked against this run and world size:
+    what to load and how. Reads files, changes nothing."""
+    tag_dir = resolve_checkpoint(spec, run_dir)
+    if tag_dir is None:
+        return ResumePlan()
+    warnings: tuple[str, ...] = ()
+    problem = checkpoint_problem(tag_dir)
+    if problem and spec == "auto":
+        intact = newest_intact_tag(run_dir)
+        if intact is None:
+            raise UserError(f"cannot resume: the latest checkpoint {tag_dir} is damaged ({problem}) and no older one "
+                            "is intact; start afresh with train.resume=none")
+        warnings = (f"the latest checkpoint {tag_dir.name} is damaged ({problem}): resuming from {intact.name}, the "
+                    "newest intact one",)
+        tag_dir = intact
+    elif problem:
+        raise UserError(f"cannot resume {tag_dir}: it is damaged ({problem})")
+    meta = read_meta(tag_dir)
+    if why := identity.refusal(meta, world):
+        raise UserError(f"cannot resume {tag_dir}: {why}")
+    saved = meta["world_size"]
+    if saved == world:
+        return ResumePlan(tag_dir, saved, "as_saved", warnings=warnings)
+    if meta.get("train_config", {}).get("optimizer") != "muon":
+        return ResumePlan(tag_dir, saved, "universal", (f"resuming a {saved}-rank checkpoint on {world} ranks: "
+                          f"converting {tag_dir.name} to DeepSpeed's universal format",), warnings)
+    offload = ds_cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if offload not in (None, "none"):
+        raise UserError(f"cannot resume the Muon checkpoint {tag_dir} on {world} rank(s): it was saved by {saved}, and "
+                        "with optimizer offload Muon's momentum is kept per partition, which neither DeepSpeed's "
+                        f"universal format nor lillm re-partitions. Resume with {saved} rank(s), or without offload")
+    return ResumePlan(tag_dir, saved, "reshard", (f"resuming a {saved}-rank checkpoint on {world} ranks: "
+                      "re-partitioning its Muon and AdamW states",), warnings)
 
 
 class Checkpoint:
-    """Saves and restores a run: DeepSpeed's engine (module, optimizer), every registered state, each rank's
-    RNG, and the run's identity; keeps the last `keep` checkpoints.
+    """Saves and restores a run: DeepSpeed's engine (module, optimizer), the named stateful parts, each rank's
+    RNG and the run's identity; keeps the last `keep` checkpoints."""
 
-    Use: `find(resume, ds_cfg)` before the engine exists (a resume at another world size changes how the
-    engine must be configured), then `register(engine, name=state, ...)`, `restore()`, and `save(step)`.
-    """
-
-    def __init__(self, run_dir: str | os.PathLike, identity: dict[str, Any], config_yaml: str, keep: int,
-                 rank: int, world_size: int) -> None:
+    def __init__(self, run_dir: str | os.PathLike, identity: RunIdentity, config_yaml: str, keep: int,
+                 rank: int, world_size: int, engine: Any, **states: Stateful) -> None:
         self.dir = checkpoints_dir(run_dir)
         self.identity, self.config_yaml, self.keep = identity, config_yaml, keep
         self.rank, self.world_size = rank, world_size
-        self.frozen_base = bool(identity.get("lora"))  # LoRA: the checkpoint holds the adapter, not the base
-        self.engine: Any = None
-        self.states: dict[str, Stateful] = {}
-        self.resume_from: Path | None = None
-        self._load_dir: Path | None = None
-        self._saved_world = world_size
-        self._reshard = False  # a Muon checkpoint of another world size: re-partitioned by lillm.train.reshard
+        self.engine, self.states = engine, states
         if rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
 
-    def find(self, spec: str, ds_cfg: dict[str, Any], log: Any) -> Path | None:
-        """The checkpoint `spec` names ('auto', 'none', a tag or a path), checked against this run. Saved by
-        another number of ranks, it is converted to the universal format (once, by rank 0) and `ds_cfg` is
-        switched to load that."""
-        tag_dir = resolve_checkpoint(spec, self.dir.parent)
-        if tag_dir is None:
-            return None
-        problem = checkpoint_problem(tag_dir)
-        if problem and spec == "auto":
-            intact = newest_intact_tag(self.dir.parent)
-            if intact is None:
-                raise UserError(f"cannot resume: the latest checkpoint {tag_dir} is damaged ({problem}) and no "
-                                "older one is intact; start afresh with train.resume=none")
-            log.warning(f"the latest checkpoint {tag_dir.name} is damaged ({problem}): resuming from "
-                        f"{intact.name}, the newest intact one")
-            tag_dir = intact
-        elif problem:
-            raise UserError(f"cannot resume {tag_dir}: it is damaged ({problem})")
-        meta = read_meta(tag_dir)
-        check_compatible(meta, tag_dir, self.identity, self.world_size)
-        self.resume_from, self._load_dir, self._saved_world = tag_dir, tag_dir, meta["world_size"]
-        moved = self._saved_world != self.world_size
-        muon = meta.get("train_config", {}).get("optimizer") == "muon"
-        offload = ds_cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
-        if moved and muon and offload not in (None, "none"):
-            raise UserError(f"cannot resume the Muon checkpoint {tag_dir} on {self.world_size} rank(s): it was saved "
-                            f"by {self._saved_world}, and with optimizer offload Muon's momentum is kept per "
-                            "partition, which neither DeepSpeed's universal format nor lillm re-partitions. Resume "
-                            f"with {self._saved_world} rank(s), or without offload")
-        if moved and muon:
-            log.info(f"resuming a {self._saved_world}-rank checkpoint on {self.world_size} ranks: re-partitioning "
-                     f"its Muon and AdamW states")
-            self._reshard = True
-        elif moved:
-            log.info(f"resuming a {self._saved_world}-rank checkpoint on {self.world_size} ranks: converting "
-                     f"{tag_dir.name} to DeepSpeed's universal format")
-            if self.rank == 0:
-                convert_to_universal(tag_dir)
-            dist.barrier()
-            ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
-            self._load_dir = tag_dir.with_name(tag_dir.name + "_universal")
-        return tag_dir
-
-    def register(self, engine: Any, **states: Stateful) -> None:
-        """The DeepSpeed engine and the other stateful parts, by the names they are saved under."""
-        self.engine, self.states = engine, states
-
-    def restore(self) -> bool:
-        """Load the checkpoint `find` chose into every registered part; False when there was none. RNG states
-        are per rank, so they are restored only at the world size that saved them."""
-        if self._load_dir is None:
+    def restore(self, plan: ResumePlan) -> bool:
+        """Load the planned checkpoint into the engine and every state; False for a fresh start. RNG states are
+        per rank, so they are restored only at the world size that saved them."""
+        if plan.tag_dir is None:
             return False
-        tag_dir = self._load_dir
-        load_path, client = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+        load_dir = plan.tag_dir
+        if plan.mode == "universal":
+            if self.rank == 0:
+                convert_to_universal(plan.tag_dir)
+            dist.barrier()
+            load_dir = universal_dir(plan.tag_dir)
+        load_path, client = self.engine.load_checkpoint(str(load_dir.parent), tag=load_dir.name,
                                                         load_lr_scheduler_states=False,
-                                                        load_module_strict=not self.frozen_base,
-                                                        load_module_only=self._reshard)
+                                                        load_module_strict=not self.identity.frozen_base,
+                                                        load_module_only=plan.mode == "reshard")
         if load_path is None:
-            raise UserError(f"DeepSpeed could not load checkpoint {tag_dir}")
-        if self._reshard:
-            load_full_states(self.engine.optimizer, self.engine.module, full_states(tag_dir))
-            load_scaler_state(self.engine.optimizer, tag_dir, self.rank)
+            raise UserError(f"DeepSpeed could not load checkpoint {load_dir}")
+        if plan.mode == "reshard":
+            load_full_states(self.engine.optimizer, self.engine.module, full_states(plan.tag_dir))
+            load_scaler_state(self.engine.optimizer, plan.tag_dir, self.rank)
         saved = client["lillm"]
-        if "progress" not in saved and "step" in saved:  # written before the states were registered by name
-            saved = {"progress": {"step": saved["step"], "tokens_seen": saved.get("tokens_seen", 0)},
-                     "loader": saved["loader"]}
         for name, state in self.states.items():
             if name not in saved:
-                raise UserError(f"cannot resume {self.resume_from}: it holds no {name!r} state")
+                raise UserError(f"cannot resume {plan.tag_dir}: it holds no {name!r} state")
             state.load_state_dict(saved[name])
-        rng_file = tag_dir / f"rng_rank{self.rank}.pt"
-        if rng_file.is_file() and self._saved_world == self.world_size:
+        rng_file = load_dir / f"rng_rank{self.rank}.pt"
+        if rng_file.is_file() and plan.saved_world == self.world_size:
             set_rng_state(torch.load(rng_file, weights_only=False))
         return True
 
@@ -230,13 +262,13 @@ class Checkpoint:
                         "universal_checkpoint_info": universal_info()}
         if self.rank == 0 and tag_dir.exists():  # a damaged tag that a fallback resume replays: start afresh
             shutil.rmtree(tag_dir, ignore_errors=True)
-            shutil.rmtree(tag_dir.with_name(tag_dir.name + "_universal"), ignore_errors=True)
+            shutil.rmtree(universal_dir(tag_dir), ignore_errors=True)
         if dist.is_initialized():
             dist.barrier()  # no rank writes into the tag before it is gone
         error = ""
         try:
             self.engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False,
-                                        exclude_frozen_parameters=self.frozen_base)
+                                        exclude_frozen_parameters=self.identity.frozen_base)
             torch.save(rng_state(), tag_dir / f"rng_rank{self.rank}.pt")
             if self.rank == 0:
                 self._write_extras(tag_dir)
@@ -253,7 +285,8 @@ class Checkpoint:
             raise UserError(f"saving checkpoint {tag} failed ({error or 'on another rank'}); "
                             f"the previous checkpoint ({latest or 'none'}) is intact")
         if self.rank == 0:
-            meta = {**self.identity, "step": step, "world_size": self.world_size, "files": file_record(tag_dir)}
+            meta = {**self.identity.to_dict(), "step": step, "world_size": self.world_size,
+                    "files": file_record(tag_dir)}
             write_atomic(tag_dir / META, json.dumps(meta, indent=2))
             write_atomic(self.dir / LATEST, tag)
             self._prune(tag)
@@ -264,7 +297,7 @@ class Checkpoint:
     def _write_extras(self, tag_dir: Path) -> None:
         """Rank 0's files of a tag, written before it counts as complete: the config and a LoRA adapter."""
         write_atomic(tag_dir / "config.yaml", self.config_yaml)
-        if self.frozen_base:
+        if self.identity.frozen_base:
             from safetensors.torch import save_file
 
             state = {k: v.detach().to("cpu", torch.float32).contiguous()
@@ -276,39 +309,4 @@ class Checkpoint:
         for old in tags[: max(0, len(tags) - self.keep)]:
             if old != latest:
                 shutil.rmtree(self.dir / old, ignore_errors=True)
-                shutil.rmtree(self.dir / (old + "_universal"), ignore_errors=True)
-
-
-def write_run_files(run_dir: Path, config_yaml: str, ds_cfg: dict[str, Any], tokenizer: Any) -> None:
-    """The resolved configuration, the filled ds_config and the tokenizer, next to the checkpoints (rank 0)."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(run_dir / "config.yaml", config_yaml)
-        write_atomic(run_dir / "ds_config.json", json.dumps(ds_cfg, indent=2) + "\n")
-        tokenizer.save(run_dir / "tokenizer")
-    except OSError as e:
-        raise UserError(f"{e.filename or run_dir}: cannot write the run directory ({e.strerror or e})") from None
-
-
-def checkpoint_bytes(model: torch.nn.Module) -> int:
-    """About how much one checkpoint takes: per trainable parameter, fp32 master weights and two Adam moments
-    (12 bytes) and the module's own copy (frozen weights, a LoRA base, are not saved)."""
-    return sum((12 + p.element_size()) * p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def check_free_space(run_dir: Path, needed: int, keep: int, log: Any) -> None:
-    """Refuse to start a run whose first checkpoint cannot fit on the run directory's disk (better now than
-    after hours of training); warn when `keep` checkpoints plus the one being written will not."""
-    where = run_dir
-    while not where.exists() and where != where.parent:
-        where = where.parent
-    try:
-        free = shutil.disk_usage(where).free
-    except OSError:
-        return  # nothing to measure on (a permission, an odd mount): the save reports its own failure
-    if free < needed:
-        raise UserError(f"{run_dir}: {free / 2**20:,.1f} MiB free on its disk, but a checkpoint of this model "
-                        f"needs about {needed / 2**20:,.1f} MiB; free some space or choose another --train.run_dir")
-    if free < (keep + 1) * needed:
-        log.warning(f"{run_dir}: {free / 2**20:,.1f} MiB free holds fewer than train.keep_checkpoints + 1 = "
-                    f"{keep + 1} checkpoints of about {needed / 2**20:,.1f} MiB")
+                shutil.rmtree(universal_dir(self.dir / old), ignore_errors=True)

@@ -97,7 +97,7 @@ class TrainConfig:
     """Recompute block activations in the backward pass to save memory."""
     compile: bool | None = None
     """torch.compile the model; default: on with CUDA, off on CPU (where it did not pay at the quickstart's
-    shape, see the README). A graph that fails to compile runs eagerly, with a warning."""
+    shape, see docs/performance.md). A graph that fails to compile runs eagerly, with a warning."""
     peak_tflops: float = 0.0
     """Peak dense TFLOP/s per device for MFU; 0 detects A100/H100/H200 (bf16) and skips MFU elsewhere."""
     max_bad_steps: int = 0

@@ -1,159 +1,14 @@
-"""What every DeepSpeed training run shares: process group, device, optimizer, engine, signals, exit codes."""
+"""The model under a DeepSpeed engine: parameter groups, the optimizer (AdamW, or Muon with AdamW), compile."""
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
-import signal
-import socket
-import sys
-import time
+import copy
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from lillm.errors import UserError
-from lillm.train.metrics import get_logger
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launched_world_size() -> int:
-    """The number of ranks the launcher started (1 for a plain `python`), known before the process group."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-_LAUNCHERS: list[Any] | None = None  # DeepSpeed launcher processes above this rank, from start_process()
-STALE_BUILD_LOCK_S = 600  # building DeepSpeed's CPU op takes about 100 s; a lock this old has no builder
-
-
-def use_venv_extensions_dir() -> None:
-    """Point DeepSpeed's JIT-built ops at <venv>/torch_extensions (where `launch/setup_env.sh` builds them
-    once), unless TORCH_EXTENSIONS_DIR is set; and clear a build lock that no builder holds any more.
-
-    torch's build lock is a bare file: a process killed while building leaves it, and every later launch
-    then waits for it forever, silently. In a cache per venv the op is built once at setup, not by the
-    first launch, so that window is closed; a lock older than any build is removed with a warning.
-    """
-    root = os.environ.get("TORCH_EXTENSIONS_DIR")
-    if root is None and os.access(sys.prefix, os.W_OK):
-        root = os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(sys.prefix, "torch_extensions")
-    if root is None or not os.path.isdir(root):
-        return
-    for entry in os.scandir(root):
-        lock = os.path.join(entry.path, "lock")
-        try:
-            age = time.time() - os.stat(lock).st_mtime
-        except OSError:
-            continue
-        if age > STALE_BUILD_LOCK_S:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(lock)
-            print(f"lillm: removed a stale DeepSpeed build lock {lock} ({age / 60:.0f} min old: its build was "
-                  "interrupted); the op is rebuilt if needed", file=sys.stderr, flush=True)
-        else:
-            print(f"lillm: waiting for a DeepSpeed op build in progress ({lock}); if no other process is "
-                  "building, delete that file", file=sys.stderr, flush=True)
-
-
-def build_ops() -> None:
-    """Build DeepSpeed's CPU communication op into the venv now (setup time), where CPU ranks load it."""
-    use_venv_extensions_dir()
-    from deepspeed.accelerator import get_accelerator
-
-    if get_accelerator().device_name() == "cpu":
-        get_accelerator().create_op_builder("ShareMemCommBuilder").load(verbose=False)
-
-
-def init_distributed() -> tuple[int, int, int]:
-    """Initialise the process group (also for a plain single-process `python launch/pretrain.py`)."""
-    import deepspeed
-
-    use_venv_extensions_dir()
-
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
-    expected = launched_world_size()
-    deepspeed.init_distributed()
-    if dist.get_world_size() != expected:
-        raise UserError(f"the process group has {dist.get_world_size()} ranks but WORLD_SIZE says {expected}")
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-
-
-def start_process() -> tuple[int, int, torch.device, logging.Logger]:
-    """Join the process group: (rank, world size, this rank's device, the rank-aware logger)."""
-    global _LAUNCHERS
-    _LAUNCHERS = _launcher_ancestors()  # now, while they are all alive (StopFlag watches them)
-    rank, world, local_rank = init_distributed()
-    return rank, world, local_device(local_rank), get_logger(rank)
-
-
-class StopFlag:
-    """Set by SIGTERM/SIGINT, or when the `deepspeed` command that started this rank has exited (DeepSpeed's
-    launcher dies on SIGTERM without passing it on, which left ranks training unattended); the loop
-    finishes the step, saves and exits 0. `close()` puts the previous handlers back."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self.reason = ""
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-        self._launchers = _LAUNCHERS if _LAUNCHERS is not None else _launcher_ancestors()
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signum = signum
-        self.reason = f"received signal {signal.Signals(signum).name}"
-
-    def requested(self) -> bool:
-        """Whether to stop after this step (a local check; the loop agrees on it across ranks)."""
-        if not self.signum and self._launchers and not all(_alive(p) for p in self._launchers):
-            self.signum = signal.SIGTERM
-            self.reason = "the deepspeed command that started this run has exited"
-        return self.signum > 0
-
-    def close(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def _alive(process: Any) -> bool:
-    """Running, and not a zombie (a dead launcher waits as one until whoever started it collects it)."""
-    import psutil
-
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _launcher_ancestors() -> list[Any]:
-    """This process's ancestors that are DeepSpeed launcher processes (none for a plain `python ...`)."""
-    import psutil
-
-    try:
-        return [p for p in psutil.Process().parents() if any("deepspeed" in part for part in p.cmdline()[:4])]
-    except psutil.Error:
-        return []
-
-
-def local_device(local_rank: int) -> torch.device:
-    """This rank's device: its GPU under the CUDA accelerator, else the CPU."""
-    from deepspeed.accelerator import get_accelerator
-
-    accel = get_accelerator()
-    if accel.device_name() == "cpu":
-        return torch.device("cpu")
-    device = torch.device(accel.device_name(local_rank))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return device
 
 
 def param_groups(model: nn.Module, weight_decay: float, muon_weight_decay: float | None = None
@@ -219,66 +74,63 @@ def eager_muon_update() -> None:
                                         original_muon.muon_update)
 
 
-def build_optimizer(ds_cfg: dict[str, Any], groups: list[dict[str, Any]], device: torch.device):
-    """torch's AdamW, built here from the (filled) ds_config "optimizer" section, which is then removed; None
-    where DeepSpeed builds the optimizer from that section (Muon, optimizer offload).
+def lillm_builds_optimizer(ds_cfg: dict[str, Any]) -> bool:
+    """Whether lillm builds the optimizer itself (torch's AdamW) rather than DeepSpeed from the JSON's section.
 
-    Why not DeepSpeed's own FusedAdam/CPU Adam: it keeps beta^t as a running product and recomputes it with
-    pow() after a resume, which differs in the last bit, so a resumed run drifts from the uninterrupted one.
-    torch's AdamW derives the bias correction from the step count alone: resumes are bit-identical. With
-    optimizer offload, ZeRO needs DeepSpeed's CPU Adam, so the JSON's optimizer is left to DeepSpeed. Muon
-    must be DeepSpeed's (ZeRO-2 orthogonalises each matrix's whole gradient before partitioning it, which a
-    client optimizer, seeing flat partitions, cannot); `fill_ds_config` makes its auxiliary Adam torch's
-    AdamW (`torch_adam`) for the same exact resume.
-    """
+    Why torch's AdamW and not DeepSpeed's FusedAdam/CPU Adam: those keep beta^t as a running product and
+    recompute it with pow() after a resume, which differs in the last bit, so a resumed run drifts from the
+    uninterrupted one; torch's AdamW derives the bias correction from the step count alone, and resumes are
+    bit-identical. DeepSpeed builds it where it must: with optimizer offload (ZeRO needs its CPU Adam) and for
+    Muon (ZeRO-2 orthogonalises each matrix's whole gradient before partitioning it, which a client optimizer,
+    seeing flat partitions, cannot; `fill_ds_config` makes its auxiliary Adam torch's AdamW, `torch_adam`)."""
     offload = ds_cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
-    if ds_cfg["optimizer"]["type"].lower() == "muon" or offload not in (None, "none"):
-        return None
-    params = ds_cfg.pop("optimizer")["params"]
+    return ds_cfg["optimizer"]["type"].lower() != "muon" and offload in (None, "none")
+
+
+def client_optimizer(ds_cfg: dict[str, Any], groups: list[dict[str, Any]], device: torch.device
+                     ) -> torch.optim.Optimizer:
+    """torch's AdamW with the hyperparameters of the filled ds_config's "optimizer" section."""
+    params = ds_cfg["optimizer"]["params"]
     return torch.optim.AdamW(groups, lr=params["lr"], betas=tuple(params["betas"]), eps=params["eps"],
                              weight_decay=params["weight_decay"], fused=device.type in ("cuda", "cpu"))
 
 
-def all_reduce(values: list[Any], device: torch.device, op: Any = None) -> list[float]:
-    """Sum (or `op`) numbers over ranks, read back on the host: numbers or 0-dim tensors already on the device.
-    A wait for the device: for log, eval and agreement steps only."""
-    t = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device) for v in values])
-    dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t.tolist()
-
-
-def to_device(values: list[float], device: torch.device) -> torch.Tensor:
-    """Host numbers as a float64 device tensor without waiting for the device (pinned, asynchronous copy)."""
-    t = torch.tensor(values, dtype=torch.float64)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+def engine_config(ds_cfg: dict[str, Any], load_universal: bool = False) -> dict[str, Any]:
+    """What `deepspeed.initialize` is given, derived from the filled config (which is left as it is): without
+    the optimizer section where lillm builds the optimizer (DeepSpeed takes one or the other), and set to
+    load a universal checkpoint when the resume is one (`lillm.train.checkpoint.ResumePlan`)."""
+    cfg = copy.deepcopy(ds_cfg)
+    if lillm_builds_optimizer(ds_cfg):
+        del cfg["optimizer"]
+    if load_universal:
+        cfg["checkpoint"] = {**cfg.get("checkpoint", {}), "load_universal": True}
+    return cfg
 
 
 def initialize_engine(model: nn.Module, ds_cfg: dict[str, Any], groups: list[dict[str, Any]], device: torch.device,
-                      ds_path: str) -> tuple[Any, Any]:
+                      ds_path: str, load_universal: bool = False) -> tuple[Any, Any]:
     """`deepspeed.initialize` with lillm's optimizer; DeepSpeed's own validation errors become UserErrors."""
     import deepspeed
 
-    client_optimizer = build_optimizer(ds_cfg, groups, device)
+    optimizer = client_optimizer(ds_cfg, groups, device) if lillm_builds_optimizer(ds_cfg) else None
     try:
         engine, optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=client_optimizer, model_parameters=None if client_optimizer else groups,
-            config=ds_cfg)
+            model=model, optimizer=optimizer, model_parameters=None if optimizer else groups,
+            config=engine_config(ds_cfg, load_universal))
     except (ValueError, TypeError, AssertionError) as e:  # pydantic validation of the JSON, bad combinations
         raise UserError(f"DeepSpeed rejected {ds_path}: {e}") from None
     return engine, optimizer
 
 
-def build_engine(model: nn.Module, train: Any, ds_cfg: dict[str, Any], ds_path: str,
-                 device: torch.device) -> tuple[Any, Any]:
-    """The model under a DeepSpeed engine as `train` asks: activation checkpointing, AdamW (or Muon and AdamW)
-    groups, compile."""
-    model.activation_checkpointing = train.activation_checkpointing
+def build_engine(model: nn.Module, train: Any, ds_cfg: dict[str, Any], ds_path: str, device: torch.device,
+                 load_universal: bool = False) -> tuple[Any, Any]:
+    """The model under a DeepSpeed engine as `train` asks: AdamW (or Muon and AdamW) groups, compile."""
     muon = train.optimizer == "muon"
     groups = param_groups(model, train.weight_decay, train.muon_weight_decay if muon else None)
     compile_ = train.compile if train.compile is not None else device.type == "cuda"
     if muon and not compile_:
         eager_muon_update()
-    engine, optimizer = initialize_engine(model, ds_cfg, groups, device, ds_path)
+    engine, optimizer = initialize_engine(model, ds_cfg, groups, device, ds_path, load_universal)
     if muon:
         check_muon_tags(model, optimizer)
     if compile_:
@@ -287,29 +139,3 @@ def build_engine(model: nn.Module, train: Any, ds_cfg: dict[str, Any], ds_path: 
         torch._dynamo.config.suppress_errors = True  # a graph that fails to compile runs eagerly, with a warning
         engine.compile()
     return engine, optimizer
-
-
-def run_script(name: str, body) -> None:
-    """Run a training entry point: a UserError becomes one line on stderr and exit 2; the process group is
-    torn down either way."""
-    import sys
-
-    try:
-        code = body()
-    except UserError as e:
-        print(f"{name}: error: {e}", file=sys.stderr, flush=True)
-        code = 2
-    except OSError as e:  # a full disk or a permission outside the checked paths: the path, no traceback
-        if e.filename is None:
-            raise
-        print(f"{name}: error: {e.filename}: {e.strerror or e}", file=sys.stderr, flush=True)
-        code = 2
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    sys.exit(code)
-
-
-if __name__ == "__main__":
-    if sys.argv[1:] != ["--build-ops"]:
-        sys.exit("usage: python -m lillm.train.engine --build-ops")
-    build_ops()

@@ -4,8 +4,8 @@ checkpoints, for every task.
 A task is an `Objective`: it owns its micro-batch stream (the loader), the loss of a micro-batch, its
 validation and its text sample. Pretraining, SFT and DPO are three objectives (`lillm.train.pretrain`,
 `lillm.train.posttrain`); every `train.*` option means the same in each because this loop is the only
-place that reads them. Resume is the `Checkpoint`'s business: the loop registers its stateful parts with it
-once and calls `save(step)`.
+place that reads them. `Cadence` decides at which steps the loop stops to log, evaluate, save or agree;
+`Checkpoint` saves. A `Trainer` is assembled by `lillm.train.assemble`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import dataclasses
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from lillm.errors import UserError
-from lillm.train.checkpoint import Checkpoint, check_free_space, checkpoint_bytes, write_run_files
+from lillm.train.checkpoint import Checkpoint
 from lillm.train.config import BatchPlan, TrainConfig
-from lillm.train.engine import StopFlag, all_reduce
+from lillm.train.dist import Process, StopFlag, all_reduce
 from lillm.train.metrics import MetricsWriter, detect_peak_tflops, format_duration
 from lillm.train.schedule import apply_lr
 
@@ -110,7 +110,7 @@ class Progress:
 class Window:
     """Sums over the steps since the last log line."""
 
-    t0: float = dataclasses.field(default_factory=time.perf_counter)
+    t0: float
     data: float = 0.0  # seconds spent waiting for micro-batches
     steps: int = 0
     tokens: float = 0.0  # all ranks, counted at each agreement
@@ -129,146 +129,195 @@ class StepRecord:
 
 
 @dataclasses.dataclass
+class Stops:
+    """What the loop does after a step besides training on."""
+
+    log: bool
+    evaluate: bool
+    save: bool
+    agree: bool
+
+    def any(self) -> bool:
+        return self.log or self.evaluate or self.save or self.agree
+
+
+@dataclasses.dataclass
+class Cadence:
+    """At which steps the loop logs, evaluates, saves and agrees: train.*_interval, the last step, and the
+    agreements between them (see AGREE_EVERY)."""
+
+    max_steps: int
+    log_interval: int
+    eval_interval: int
+    ckpt_interval: int
+    has_validation: bool
+    agree_every: int = AGREE_EVERY
+    agree_seconds: float = AGREE_SECONDS
+
+    @classmethod
+    def of(cls, train: TrainConfig, max_steps: int, has_validation: bool) -> Cadence:
+        return cls(max_steps, train.log_interval, train.eval_interval, train.ckpt_interval, has_validation)
+
+    def after(self, step: int, next_agreement: int) -> Stops:
+        """What follows optimizer step `step` (1-based: the steps taken so far)."""
+        last = step == self.max_steps
+        return Stops(log=step % self.log_interval == 0 or last,
+                     evaluate=self.has_validation and self.eval_interval > 0 and (step % self.eval_interval == 0
+                                                                                 or last),
+                     save=step % self.ckpt_interval == 0 or last, agree=step >= next_agreement)
+
+    def next_agreement(self, step: int, step_time: float) -> int:
+        """The step of the next agreement after one at `step`, from the step time all ranks measured (so every
+        rank derives the same)."""
+        return step + max(1, min(self.agree_every, int(self.agree_seconds / max(step_time, 1e-9))))
+
+
+class Hooks:
+    """Points where a caller (a test, a profiler) may watch the loop; the defaults do nothing."""
+
+    def before_step(self, trainer: Trainer) -> None:
+        """At the top of every loop iteration, before the learning rate is set."""
+
+    def after_agreement(self, trainer: Trainer) -> None:
+        """After the ranks agreed (at progress.step)."""
+
+
+@dataclasses.dataclass
+class LoopState:
+    """What `fit` keeps between steps (Progress, which is checkpointed, apart)."""
+
+    start_step: int
+    run_start: float
+    window: Window
+    next_agreement: int
+    last_agreement: float
+    pending: list[StepRecord] = dataclasses.field(default_factory=list)
+    """Optimizer steps queued on the device and not yet agreed on."""
+    bad_steps: int = 0
+    """Micro-batches with a non-finite loss skipped so far."""
+    last_val: float = math.nan
+
+
 class Trainer:
-    """Runs an objective on a DeepSpeed engine until train.max_steps, a signal or an error."""
+    """Runs an objective on a DeepSpeed engine until train.max_steps, a signal or an error.
 
-    engine: Any
-    optimizer: Any
-    objective: Objective
-    checkpoint: Checkpoint
-    train: TrainConfig
-    plan: BatchPlan
-    rank: int
-    world: int
-    device: torch.device
-    log: Any
-    precision: str
-    progress: Progress = dataclasses.field(default_factory=Progress)
+    `cadence`, `hooks` and `clock` may be replaced before `fit` (tests do); everything else is the run's."""
 
-    def start(self, config_yaml: str, ds_cfg: dict[str, Any], tokenizer: Any) -> None:
-        """Restore the checkpoint chosen by `checkpoint.find` (if any) and open the run directory."""
-        self.checkpoint.register(self.engine, progress=self.progress, loader=self.objective.loader)
-        if self.checkpoint.restore():
-            self.log.info(f"resumed from {self.checkpoint.resume_from} at step {self.progress.step} "
-                          f"({self.progress.tokens_seen:,} tokens)")
-        run_dir = Path(self.train.run_dir)
-        problem = ""
-        try:  # every rank checks its own disk (node-local run directories), rank 0 writes; all agree before going on
-            check_free_space(run_dir, checkpoint_bytes(self.engine.module), self.train.keep_checkpoints, self.log)
-            if self.rank == 0:
-                write_run_files(run_dir, config_yaml, ds_cfg, tokenizer)
-        except UserError as e:
-            problem = str(e)
-        if all_reduce([float(bool(problem))], self.device)[0]:
-            raise UserError(problem or "another rank could not open the run directory (see its error)")
-        self.writer = MetricsWriter(str(run_dir / "tensorboard") if self.rank == 0 and self.train.tensorboard else None,
-                                    run_dir / "metrics.jsonl" if self.rank == 0 else None, self.progress.step)
-        if self.rank == 0 and self.progress.step == 0:
-            self.writer.text("config", "```\n" + config_yaml + "\n```", 0)
-            if scalars := self.objective.start_scalars():
-                self.writer.scalars(scalars, 0)
+    def __init__(self, engine: Any, objective: Objective, checkpoint: Checkpoint, train: TrainConfig,
+                 plan: BatchPlan, process: Process, precision: str, progress: Progress, writer: MetricsWriter,
+                 optimizer: Any) -> None:
+        self.engine, self.objective, self.checkpoint, self.train, self.plan = engine, objective, checkpoint, train, plan
+        self.process, self.precision, self.progress, self.writer = process, precision, progress, writer
+        self.optimizer = optimizer
+        self.cadence = Cadence.of(train, plan.max_steps, objective.has_validation)
+        self.hooks = Hooks()
+        self.clock: Callable[[], float] = time.perf_counter
+        self._state: LoopState | None = None
+        self._bar: Any = None
+        self._finite: torch.Tensor | None = None  # with gradient gates: is the current micro-batch's loss finite
+
+    @property
+    def device(self) -> torch.device:
+        return self.process.device
 
     def fit(self) -> int:
         """Train; returns the process exit code (0, or 2 after an error that left the last checkpoint intact)."""
-        train, plan, progress = self.train, self.plan, self.progress
-        stop, exit_code, last_val = StopFlag(), 0, float("nan")
+        train, plan, progress, log = self.train, self.plan, self.progress, self.process.log
+        now = self.clock()
+        # The first step measures the step time, so the first agreement follows it.
+        state = self._state = LoopState(progress.step, now, Window(now), progress.step + 1, now)
+        stop, exit_code = StopFlag(), 0
         self.engine.train()
         batches = iter(self.objective.loader)
-        self.bar = tqdm(total=plan.max_steps, initial=progress.step, desc=self.objective.name, unit="step",
-                        disable=self.rank != 0, dynamic_ncols=True, mininterval=2.0, file=sys.stderr)
-        self.window, self.start_step, self.run_start, self.bad_steps = Window(), progress.step, time.perf_counter(), 0
-        self.next_agreement, self.last_agreement = progress.step + 1, time.perf_counter()  # the first step measures
-        self.pending: list[StepRecord] = []
-        self.finite = None
-        hooks = self.gate_gradients() if train.max_bad_steps > 0 else []
+        self._bar = tqdm(total=plan.max_steps, initial=progress.step, desc=self.objective.name, unit="step",
+                         disable=self.process.rank != 0, dynamic_ncols=True, mininterval=2.0, file=sys.stderr)
+        gates = self._gate_gradients() if train.max_bad_steps > 0 else []
         try:
             while progress.step < plan.max_steps:
+                self.hooks.before_step(self)
                 lr = apply_lr(self.optimizer, progress.step, train, plan.max_steps)
-                warm_up = progress.step == self.start_step and getattr(self.engine, "is_compiled", False)
-                t, graphs = time.perf_counter(), compiled_graphs() if warm_up else 0
-                self.train_step(batches, lr)
-                if warm_up:
-                    self.report_compile(time.perf_counter() - t, compiled_graphs() - graphs)
+                self._timed_step(batches, lr)
                 progress.step += 1
-                self.window.steps += 1
-                self.bar.update(1)
-                last = progress.step == plan.max_steps
-                log = progress.step % train.log_interval == 0 or last
-                evaluate = self.objective.has_validation and train.eval_interval > 0 and (
-                    progress.step % train.eval_interval == 0 or last)
-                save = progress.step % train.ckpt_interval == 0 or last
-                if not (log or evaluate or save or progress.step >= self.next_agreement):
+                state.window.steps += 1
+                self._bar.update(1)
+                stops = self.cadence.after(progress.step, state.next_agreement)
+                if not stops.any():
                     continue  # the device runs ahead: nothing here waits for it
-                signalled = self.agree(stop)
-                if log:
-                    self.log_window(lr)
-                if evaluate:
-                    last_val = self.evaluate()
+                signalled = self._agree(stop)
+                if stops.log:
+                    self._log_window(lr)
+                if stops.evaluate:
+                    state.last_val = self._evaluate()
                 if signalled:
-                    self.log.info(f"{stop.reason or 'stopping on another rank'}: saving at step {progress.step} "
-                                  "and exiting")
-                    self.save()
+                    log.info(f"{stop.reason or 'stopping on another rank'}: saving at step {progress.step} and exiting")
+                if signalled or stops.save:
+                    self._save()
+                if signalled:
                     break
-                if save:
-                    self.save()
-                self.last_agreement = time.perf_counter()  # the next step time leaves out logging and saving
+                state.last_agreement = self.clock()  # the next step time leaves out logging and saving
         except UserError as e:
-            self.log.error(f"error: {e}")
+            log.error(f"error: {e}")
             exit_code = 2
         finally:
-            for h in hooks:
-                h.remove()
+            for gate in gates:
+                gate.remove()
             stop.close()
-            self.bar.close()
-            self.writer.hparams({**dataclasses.asdict(train), **self.objective.hparams(), "world_size": self.world,
-                                 "precision": self.precision}, {"hparam/val_loss": last_val})
-            self.writer.close()
+            self._bar.close()
+            self._close_metrics()
         if exit_code == 0:
-            self.log.info(f"done at step {progress.step}; {self.objective.done_hint()}")
+            log.info(f"done at step {progress.step}; {self.objective.done_hint()}")
         return exit_code
 
-    def train_step(self, batches: Iterator[Any], lr: float) -> None:
+    def _timed_step(self, batches: Iterator[Any], lr: float) -> None:
+        """`_train_step`, and on the first step of a compiled engine the compile warm-up it took."""
+        warm_up = self.progress.step == self._state.start_step and getattr(self.engine, "is_compiled", False)
+        t, graphs = self.clock(), compiled_graphs() if warm_up else 0
+        self._train_step(batches, lr)
+        if not warm_up:
+            return
+        seconds, graphs = self.clock() - t, compiled_graphs() - graphs
+        if graphs:
+            self.process.log.info(f"torch.compile warm-up: the first step took {seconds:.1f}s ({graphs} graph(s) "
+                                  "compiled)")
+        else:
+            self.process.log.warning("torch.compile compiled nothing (see the warnings above): training runs eagerly")
+
+    def _train_step(self, batches: Iterator[Any], lr: float) -> None:
         """One optimizer step over grad_accum micro-batches, queued without waiting for the device: the
-        losses and their finiteness stay there until the next agreement (`agree`)."""
-        t = time.perf_counter()
+        losses and their finiteness stay there until the next agreement (`_agree`)."""
+        window = self._state.window
+        t = self.clock()
         micro = [next(batches) for _ in range(self.plan.grad_accum)]
-        self.window.data += time.perf_counter() - t
+        window.data += self.clock() - t
         self.objective.begin_step(micro)
         tokens, losses, step_loss = 0, [], 0.0
         for batch in micro:
             tokens += self.objective.num_tokens(batch)
             loss = self.objective.loss(self.engine, batch.to(self.device, non_blocking=True))
-            if self.finite is not None:
-                self.finite.copy_(torch.isfinite(loss.detach()))  # what the gradient gates read
+            if self._finite is not None:
+                self._finite.copy_(torch.isfinite(loss.detach()))  # what the gradient gates read
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
             value = loss.detach().double()
             step_loss = step_loss + value.nan_to_num(0.0, 0.0, 0.0) / self.plan.grad_accum  # a skipped one adds 0
             losses.append(value)
-        self.window.loss = self.window.loss + step_loss
-        self.pending.append(StepRecord(self.progress.step, lr, micro, torch.stack(losses), tokens))
+        window.loss = window.loss + step_loss
+        self._state.pending.append(StepRecord(self.progress.step, lr, micro, torch.stack(losses), tokens))
 
-    def report_compile(self, seconds: float, graphs: int) -> None:
-        """The torch.compile warm-up (the first step compiles on the host), and whether anything compiled."""
-        if graphs:
-            self.log.info(f"torch.compile warm-up: the first step took {seconds:.1f}s ({graphs} graph(s) compiled)")
-        else:
-            self.log.warning("torch.compile compiled nothing (see the warnings above): training runs eagerly")
-
-    def gate_gradients(self) -> list[Any]:
+    def _gate_gradients(self) -> list[Any]:
         """With train.max_bad_steps > 0: every parameter's gradient passes through a gate that zeroes it for a
         micro-batch whose loss is not finite, so a skipped micro-batch changes nothing, decided on the device."""
-        self.finite = torch.ones((), dtype=torch.bool, device=self.device)
-        return [p.register_hook(lambda g: g.where(self.finite, 0.0))
+        self._finite = finite = torch.ones((), dtype=torch.bool, device=self.device)
+        return [p.register_hook(lambda g: g.where(finite, 0.0))
                 for p in self.engine.module.parameters() if p.requires_grad]
 
-    def agree(self, stop: StopFlag) -> bool:
+    def _agree(self, stop: StopFlag) -> bool:
         """The ranks' one collective outside log and eval steps, and the loop's one wait for the device: the
         stop flag, the token count, this rank's step time and which pending micro-batches had a non-finite
         loss, summed over ranks. Returns whether to stop; raises past train.max_bad_steps."""
-        pending, self.pending = self.pending, []
-        now = time.perf_counter()
-        step_time = (now - self.last_agreement) / len(pending) / self.world
+        state, world = self._state, self.process.world
+        pending, state.pending = state.pending, []
+        step_time = (self.clock() - state.last_agreement) / len(pending) / world
         head = torch.tensor([float(stop.requested()), sum(r.tokens for r in pending), step_time], dtype=torch.float64)
         bad = (~torch.cat([r.losses for r in pending]).isfinite()).double()  # (steps x grad_accum,)
         totals = torch.cat([head.to(self.device), bad])
@@ -276,22 +325,22 @@ class Trainer:
             dist.all_reduce(totals)
         signalled, tokens, step_time, *bad_micro = totals.tolist()
         self.progress.tokens_seen += int(tokens)
-        self.window.tokens += tokens
+        state.window.tokens += tokens
         gas = self.plan.grad_accum
         for i, record in enumerate(pending):
             if count := sum(n > 0 for n in bad_micro[i * gas : (i + 1) * gas]):
-                self.skip_or_stop(record, count)
-        # Every rank derives the same next agreement from the same summed numbers.
-        interval = int(AGREE_SECONDS / max(step_time, 1e-9))
-        self.next_agreement = self.progress.step + max(1, min(AGREE_EVERY, interval))
+                self._skip_or_stop(record, count)
+        state.next_agreement = self.cadence.next_agreement(self.progress.step, step_time)
+        self.hooks.after_agreement(self)
         return signalled > 0
 
-    def skip_or_stop(self, record: StepRecord, count: int) -> None:
+    def _skip_or_stop(self, record: StepRecord, count: int) -> None:
         """Count a step's micro-batches with a non-finite loss on any rank; past train.max_bad_steps, each rank
         that had one saves it for diagnosis, and training stops."""
-        self.bad_steps += count
-        if self.bad_steps > self.train.max_bad_steps:
-            diag = Path(self.train.run_dir) / f"nonfinite_step{record.step}_rank{self.rank}.pt"
+        state = self._state
+        state.bad_steps += count
+        if state.bad_steps > self.train.max_bad_steps:
+            diag = Path(self.train.run_dir) / f"nonfinite_step{record.step}_rank{self.process.rank}.pt"
             finite = record.losses.isfinite().tolist()
             if False in finite:
                 k = finite.index(False)
@@ -302,14 +351,16 @@ class Trainer:
                             f"{diag.with_name(f'nonfinite_step{record.step}_rank*.pt')} by the rank(s) that had it; "
                             "the last checkpoint is untouched. Lower train.lr or raise train.max_bad_steps to skip "
                             "batches")
-        self.log.warning(f"step {record.step}: {count} micro-batch(es) with a non-finite loss skipped "
-                         f"({self.bad_steps} so far)")
+        self.process.log.warning(f"step {record.step}: {count} micro-batch(es) with a non-finite loss skipped "
+                                 f"({state.bad_steps} so far)")
 
-    def log_window(self, lr: float) -> None:
+    def _log_window(self, lr: float) -> None:
         """Scalars to TensorBoard and metrics.jsonl, and one console line (a collective)."""
-        w, step, max_steps = self.window, self.progress.step, self.plan.max_steps
-        elapsed = time.perf_counter() - w.t0
-        loss_avg = all_reduce([w.loss / w.steps], self.device)[0] / self.world
+        state, step, max_steps, world = self._state, self.progress.step, self.plan.max_steps, self.process.world
+        w = state.window
+        now = self.clock()
+        elapsed = now - w.t0
+        loss_avg = all_reduce([w.loss / w.steps], self.device)[0] / world
         tok_s = w.tokens / elapsed
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
@@ -317,41 +368,48 @@ class Trainer:
                    "perf/step_time_s": elapsed / w.steps, "perf/data_wait_frac": w.data / elapsed,
                    "train/tokens_seen": self.progress.tokens_seen, **self.objective.window_scalars()}
         peak = detect_peak_tflops(self.train.peak_tflops)
-        mfu = tok_s * self.objective.flops_per_token / (peak * 1e12 * self.world) if peak else None
+        mfu = tok_s * self.objective.flops_per_token / (peak * 1e12 * world) if peak else None
         if mfu is not None:
             scalars["perf/mfu"] = mfu
         if self.device.type == "cuda":
             scalars["perf/max_mem_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
         self.writer.scalars(scalars, step)
-        done = step - self.start_step
-        eta = (time.perf_counter() - self.run_start) / done * (max_steps - step) if done else 0
-        if self.rank == 0:
-            self.bar.write(
+        done = step - state.start_step
+        eta = (now - state.run_start) / done * (max_steps - step) if done else 0
+        if self.process.rank == 0:
+            self._bar.write(
                 f"step {step}/{max_steps} | loss {loss_avg:.4f}{self.objective.log_suffix(scalars)} | lr {lr:.2e} | "
                 f"gnorm {grad_norm:.2f} | {tok_s:,.0f} tok/s" + (f" | mfu {mfu:.1%}" if mfu is not None else "")
                 + f" | data {w.data / elapsed:.1%} | eta {format_duration(eta)}",
                 file=sys.stdout,
             )
-        self.window = Window()
+        state.window = Window(self.clock())
 
-    def evaluate(self) -> float:
+    def _evaluate(self) -> float:
         """Validation (and a text sample on rank 0); returns the validation loss."""
-        step = self.progress.step
+        step, log = self.progress.step, self.process.log
         self.engine.eval()
         with torch.no_grad():
             vals = self.objective.evaluate(self.engine)
         self.engine.train()
         self.writer.scalars(vals, step)
-        self.log.info(f"eval @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in vals.items()))
-        if self.rank == 0 and self.train.sample_tokens:
+        log.info(f"eval @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in vals.items()))
+        if self.process.rank == 0 and self.train.sample_tokens:
             sample = self.objective.sample(self.engine.module)
             self.writer.text("samples", "```\n" + sample + "\n```", step)  # TensorBoard renders Markdown
-            self.log.info(f"sample @ step {step}: {sample!r}")
+            log.info(f"sample @ step {step}: {sample!r}")
         return vals["val/loss"]
 
-    def save(self) -> None:
+    def _save(self) -> None:
         path = self.checkpoint.save(self.progress.step)
-        self.log.info(f"saved checkpoint {path}")
+        self.process.log.info(f"saved checkpoint {path}")
+
+    def _close_metrics(self) -> None:
+        """The hparams table (with the last validation loss) and the writer's files."""
+        hparams = {**dataclasses.asdict(self.train), **self.objective.hparams(), "world_size": self.process.world,
+                   "precision": self.precision}
+        self.writer.hparams(hparams, {"hparam/val_loss": self._state.last_val})
+        self.writer.close()
 
 
 def compiled_graphs() -> int:

@@ -35,14 +35,15 @@ from lillm.loading import load_model
 from lillm.lora import LoRAConfig, adapters_disabled, apply_lora, base_fingerprint
 from lillm.model import LilLM
 from lillm.tokenizer import Tokenizer
-from lillm.train.checkpoint import Checkpoint
-from lillm.train.config import BatchPlan, TrainConfig, new_parser, parse, plan_batches, resolve_seq_len
-from lillm.train.ds_config import fill_ds_config, load_ds_config, precision, resolve_ds_config
-from lillm.train.engine import all_reduce, build_engine, launched_world_size, run_script, start_process, to_device
+from lillm.train.assemble import Task, assemble
+from lillm.train.checkpoint import RunIdentity
+from lillm.train.config import BatchPlan, TrainConfig, new_parser, parse, resolve_seq_len
+from lillm.train.dist import Process, all_reduce, run_training, to_device
+from lillm.train.ds_config import load_ds_config, resolve_ds_config
 from lillm.train.loop import Objective, Trainer, perplexity
 from lillm.train.loss import preference_loss, sequence_logps, token_loss
 
-Task = Literal["sft", "dpo"]
+TaskName = Literal["sft", "dpo"]
 # What DPO metrics are summed from, per micro-batch: pair count, then per-pair sums (averaged over pairs).
 DPO_SUMS = ("pairs", "loss", "accuracy", "reward_margin", "rewards_chosen", "rewards_rejected", "logps_chosen",
             "logps_rejected")
@@ -75,7 +76,7 @@ class PostTrainConfig:
     """The resolved DeepSpeed JSON path."""
 
 
-def build_parser(objective: Task):
+def build_parser(objective: TaskName):
     what = {"sft": "Supervised fine-tuning", "dpo": "Direct preference optimisation"}[objective]
     sections = "data/train/lora" + ("/dpo" if objective == "dpo" else "")
     parser = new_parser(f"{objective}.py", f"{what} of a lillm model with DeepSpeed (ZeRO-2).",
@@ -90,7 +91,7 @@ def build_parser(objective: Task):
     return parser
 
 
-def parse_config(objective: Task, argv: list[str] | None = None) -> tuple[PostTrainConfig, str]:
+def parse_config(objective: TaskName, argv: list[str] | None = None) -> tuple[PostTrainConfig, str]:
     ns, yaml, init = parse(build_parser(objective), argv)
     cfg = PostTrainConfig(init_from=ns.init_from, data=init.data, train=init.train, lora=init.lora,
                           dpo=init.dpo if objective == "dpo" else None, ds_config=resolve_ds_config(ns.ds_config))
@@ -101,9 +102,9 @@ class ChatObjective(Objective):
     """What SFT and DPO share: chat rows, their validation set, a chat-formatted sample."""
 
     def __init__(self, cfg: PostTrainConfig, data: ChatData, loader: ChatLoader, tokenizer: Tokenizer,
-                 model: LilLM, plan: BatchPlan, rank: int, world: int, device: torch.device) -> None:
+                 model: LilLM, plan: BatchPlan, process: Process) -> None:
         self.cfg, self.train, self.data, self.loader, self.tokenizer = cfg, cfg.train, data, loader, tokenizer
-        self.plan, self.rank, self.world, self.device = plan, rank, world, device
+        self.plan, self.process, self.device = plan, process, process.device
         self.has_validation = len(data.val) > 0
         self.flops_per_token = model.config.flops_per_token(plan.seq_len)
 
@@ -112,7 +113,8 @@ class ChatObjective(Objective):
 
     def val_batches(self):
         return chat_validation_batches(self.data.val, self.plan.micro_batch_size, self.train.eval_batches,
-                                       self.rank, self.world, self.loader.pad_id, self.loader.pairs)
+                                       self.process.rank, self.process.world, self.loader.pad_id,
+                                       self.loader.pairs)
 
     def sample(self, model: LilLM) -> str:
         tok, prompt = self.tokenizer, self.train.sample_prompt
@@ -143,7 +145,7 @@ class SFT(ChatObjective):
         learned = to_device([sum(b.num_targets for b in micro)], self.device)
         if dist.is_initialized():
             dist.all_reduce(learned)
-        self.normalizer = (learned[0] / (self.plan.grad_accum * self.world)).float()
+        self.normalizer = (learned[0] / (self.plan.grad_accum * self.process.world)).float()
 
     def loss(self, engine: Any, batch: Batch) -> torch.Tensor:
         return token_loss(engine(batch.inputs, positions=batch.positions, documents=batch.documents), batch.targets,
@@ -218,9 +220,10 @@ class DPO(ChatObjective):
         return self.mean_scalars(sums, "val")
 
 
-def load_start(init_from: str) -> tuple[LilLM, Tokenizer]:
-    """The starting model and its tokenizer, which must carry the chat tokens."""
-    model, tokenizer = load_model(init_from)
+def load_start(init_from: str, **runtime: Any) -> tuple[LilLM, Tokenizer]:
+    """The starting model (`runtime`: its constructor's options) and its tokenizer, which must carry the chat
+    tokens."""
+    model, tokenizer = load_model(init_from, **runtime)
     if tokenizer is None:
         raise UserError(f"{init_from}: no tokenizer stored with the model")
     if not tokenizer.has_chat_tokens:
@@ -229,60 +232,52 @@ def load_start(init_from: str) -> tuple[LilLM, Tokenizer]:
     return model, tokenizer
 
 
-def build(cfg: PostTrainConfig, config_yaml: str, task: Task) -> Trainer:
-    """Everything a post-training run needs, restored from its checkpoint when resuming; `.fit()` trains."""
-    train, lora, pairs = cfg.train, cfg.lora, task == "dpo"
-    model, tokenizer = load_start(cfg.init_from)
+def task(cfg: PostTrainConfig, name: TaskName) -> Task:
+    """Post-training's part of the run: the starting model (with LoRA adapters when asked) and its tokenizer,
+    the conversations or pairs (checked before the process group exists), and the SFT or DPO objective."""
+    train, lora, pairs = cfg.train, cfg.lora, name == "dpo"
+    model, tokenizer = load_start(cfg.init_from, activation_checkpointing=train.activation_checkpointing,
+                                  packed_attention=cfg.data.packed_attention)
     seq_len = resolve_seq_len(train, model.config.max_seq_len, "the model's max_seq_len")
     data = (load_preferences if pairs else load_sft)(cfg.data, tokenizer, seq_len)
-    plan = plan_batches(train, seq_len, launched_world_size())
-    ds_cfg = fill_ds_config(load_ds_config(cfg.ds_config), train, plan, cfg.ds_config)
-    # Model, data and ds_config are checked before the process group exists: bad input fails in seconds.
-    rank, world, device, log = start_process()
-    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
-    loader = ChatLoader(data.train, plan.micro_batch_size, rank, world, train.seed, seq_len, pad_id,
-                        shuffle=cfg.data.shuffle, packing=cfg.data.packing, pairs=pairs)
-    model.packed_attention = cfg.data.packed_attention
-
     base_fp = base_fingerprint(model) if lora.enabled else None
     torch.manual_seed(train.seed)  # the adapters' initialisation: identical on every rank
     trainable = apply_lora(model, lora) if lora.enabled else model.num_params()
     reference = copy.deepcopy(model).eval().requires_grad_(False) if pairs and not lora.enabled else None
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
 
-    identity = {"objective": task, "model_config": model.config.to_dict(),
-                "tokenizer_fingerprint": tokenizer.fingerprint, "train_config": dataclasses.asdict(train),
-                "init_from": str(Path(cfg.init_from).resolve()),
-                "lora": dataclasses.asdict(lora) if lora.enabled else None, "base_fingerprint": base_fp}
-    ckpt = Checkpoint(train.run_dir, identity, config_yaml, train.keep_checkpoints, rank, world)
-    ckpt.find(train.resume, ds_cfg, log)
+    def make_objective(process: Process, plan: BatchPlan, engine: Any) -> ChatObjective:
+        loader = ChatLoader(data.train, plan.micro_batch_size, process.rank, process.world, train.seed, seq_len,
+                            pad_id, shuffle=cfg.data.shuffle, packing=cfg.data.packing, pairs=pairs)
+        if reference is not None:
+            reference.to(device=process.device, dtype=next(engine.module.parameters()).dtype)
+        args = (cfg, data, loader, tokenizer, model, plan, process)
+        return DPO(*args, reference=reference) if pairs else SFT(*args)
 
-    engine, optimizer = build_engine(model, train, ds_cfg, cfg.ds_config, device)
-    if reference is not None:
-        reference.to(device=device, dtype=next(engine.module.parameters()).dtype)
-    args = (cfg, data, loader, tokenizer, model, plan, rank, world, device)
-    objective = DPO(*args, reference=reference) if pairs else SFT(*args)
-    trainer = Trainer(engine, optimizer, objective, ckpt, train, plan, rank, world, device, log, precision(ds_cfg))
-    trainer.start(config_yaml, ds_cfg, tokenizer)
-    stats = data.stats
-    log.info(
-        f"lillm {task}: {trainable:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters"
-        + (f" (LoRA rank {lora.rank} on {','.join(lora.targets)})" if lora.enabled else "")
-        + f", {world} rank(s) on {device.type}, {trainer.precision}; {len(data.train):,} train / {len(data.val):,} "
-        f"val records ({stats['truncated']} truncated, {stats['dropped_overlong']} dropped as over-long); micro batch "
-        f"{plan.micro_batch_size} x accum {plan.grad_accum} x {world} ranks; {plan.max_steps:,} steps = "
-        f"{plan.max_steps * plan.grad_accum * world / max(1, loader.batches_per_epoch):.2f} epochs"
-    )
-    return trainer
+    def describe(trainer: Trainer) -> str:
+        plan, stats, batches = trainer.plan, data.stats, max(1, trainer.objective.loader.batches_per_epoch)
+        return (f"{name}: {trainable:,} trainable of {sum(p.numel() for p in model.parameters()):,} parameters"
+                + (f" (LoRA rank {lora.rank} on {','.join(lora.targets)})" if lora.enabled else "")
+                + f"; {len(data.train):,} train / {len(data.val):,} val records ({stats['truncated']} truncated, "
+                f"{stats['dropped_overlong']} dropped as over-long); micro batch {plan.micro_batch_size} x accum "
+                f"{plan.grad_accum} x {plan.world_size} ranks; {plan.max_steps:,} steps = "
+                f"{plan.max_steps * plan.grad_accum * plan.world_size / batches:.2f} epochs")
+
+    identity = RunIdentity(name, model.config.to_dict(), tokenizer.fingerprint, dataclasses.asdict(train),
+                           init_from=str(Path(cfg.init_from).resolve()),
+                           lora=dataclasses.asdict(lora) if lora.enabled else None, base_fingerprint=base_fp)
+    return Task(model, tokenizer, identity, seq_len, make_objective, describe)
 
 
-def run(cfg: PostTrainConfig, config_yaml: str, task: Task) -> int:
-    """Train; returns the process exit code."""
-    return build(cfg, config_yaml, task).fit()
+def build(cfg: PostTrainConfig, config_yaml: str, name: TaskName) -> Trainer:
+    """Everything a post-training run needs, restored from its checkpoint when resuming; `.fit()` trains."""
+    load_ds_config(cfg.ds_config)  # a bad JSON path fails before the model is loaded
+    return assemble(task(cfg, name), cfg.train, cfg.ds_config, config_yaml)
 
 
-def main(task: Task, argv: list[str] | None = None) -> None:
+def main(name: TaskName, argv: list[str] | None = None) -> None:
     """Entry point of `lillm sft|dpo`, `python -m lillm.train.posttrain sft|dpo`, launch/sft.py and dpo.py."""
-    run_script(task, lambda: run(*parse_config(task, argv), task))
+    run_training(name, lambda: build(*parse_config(name, argv), name).fit())
 
 
 if __name__ == "__main__":

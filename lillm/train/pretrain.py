@@ -22,17 +22,11 @@ from lillm.generate import SamplingConfig, generate
 from lillm.model import LilLM
 from lillm.scoring import Score, byte_table, score_windows
 from lillm.tokenizer import Tokenizer, load_tokenizer
-from lillm.train.checkpoint import Checkpoint
-from lillm.train.config import BatchPlan, DataConfig, TrainConfig, new_parser, parse, plan_batches, resolve_seq_len
-from lillm.train.ds_config import fill_ds_config, load_ds_config, precision, resolve_ds_config
-from lillm.train.engine import (
-    all_reduce,
-    build_engine,
-    launched_world_size,
-    optimizer_summary,
-    run_script,
-    start_process,
-)
+from lillm.train.assemble import Task, assemble
+from lillm.train.checkpoint import RunIdentity
+from lillm.train.config import BatchPlan, DataConfig, TrainConfig, new_parser, parse, resolve_seq_len
+from lillm.train.dist import Process, all_reduce, run_training
+from lillm.train.ds_config import load_ds_config, resolve_ds_config
 from lillm.train.loop import Objective, Trainer, perplexity
 from lillm.train.loss import token_loss
 
@@ -70,13 +64,13 @@ class LanguageModeling(Objective):
     name = "pretrain"
 
     def __init__(self, loader: PretrainLoader, val_shards: ShardSet, tokenizer: Tokenizer, model_cfg: ModelConfig,
-                 train: TrainConfig, plan: BatchPlan, rank: int, world: int, device: torch.device) -> None:
+                 train: TrainConfig, plan: BatchPlan, process: Process) -> None:
         self.loader, self.val_shards, self.tokenizer, self.model_cfg = loader, val_shards, tokenizer, model_cfg
-        self.train, self.plan, self.rank, self.world, self.device = train, plan, rank, world, device
+        self.train, self.plan, self.process, self.device = train, plan, process, process.device
         self.has_validation = int(val_shards.tokens.sum()) > plan.seq_len
         self.flops_per_token = model_cfg.flops_per_token(plan.seq_len)
         self.normalizer = plan.micro_batch_size * plan.seq_len  # every window is full: the micro-batch mean
-        self.byte_table = byte_table(tokenizer.token_bytes(model_cfg.vocab_size), device)
+        self.byte_table = byte_table(tokenizer.token_bytes(model_cfg.vocab_size), self.device)
 
     def num_tokens(self, batch: torch.Tensor) -> int:
         return batch[:, :-1].numel()
@@ -91,7 +85,7 @@ class LanguageModeling(Objective):
         """Mean loss, perplexity and bits per byte over the fixed validation windows (summed over ranks)."""
         score = Score()
         for batch in validation_windows(self.val_shards, self.plan.seq_len, self.plan.micro_batch_size,
-                                        self.train.eval_batches, self.rank, self.world):
+                                        self.train.eval_batches, self.process.rank, self.process.world):
             score += score_windows(engine, batch.to(self.device), self.byte_table)
         total = Score(*all_reduce([score.nats, score.tokens, score.bytes], self.device))
         return {"val/loss": total.loss, "val/perplexity": perplexity(total.loss), "val/bpb": total.bits_per_byte}
@@ -110,11 +104,10 @@ class LanguageModeling(Objective):
         return f"TensorBoard: tensorboard --logdir {Path(self.train.run_dir) / 'tensorboard'}"
 
 
-def build(cfg: RunConfig, config_yaml: str) -> Trainer:
-    """Everything a pretraining run needs, restored from its checkpoint when resuming; `.fit()` trains."""
+def task(cfg: RunConfig) -> Task:
+    """Pretraining's part of the run: the token shards (checked before the process group exists), a freshly
+    initialised model, and its objective."""
     train, model_cfg = cfg.train, cfg.model
-    # Every input is checked before the process group exists: a bad path fails in a second, on every rank.
-    raw_ds = load_ds_config(cfg.ds_config)
     read_manifest(cfg.data.dir)  # a directory that is not prepared data says so before its tokenizer is missed
     tokenizer = load_tokenizer(Path(cfg.data.dir) / "tokenizer")
     shards = ShardSet(cfg.data.dir, "train", check_checksums=cfg.data.verify, tokenizer=tokenizer)
@@ -122,48 +115,37 @@ def build(cfg: RunConfig, config_yaml: str) -> Trainer:
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
                         f"{model_cfg.vocab_size}")
-    plan = plan_batches(train, resolve_seq_len(train, model_cfg.max_seq_len, "model.max_seq_len"),
-                        launched_world_size())
-    ds_cfg = fill_ds_config(raw_ds, train, plan, cfg.ds_config)
-    rank, world, device, log = start_process()
-    loader = PretrainLoader(shards, plan.seq_len, plan.micro_batch_size, rank, world, seed=train.seed,
-                            shuffle=cfg.data.shuffle, num_workers=cfg.data.num_workers,
-                            pin_memory=device.type == "cuda")
-
-    # The resume target is decided before the engine: a new world size needs the universal format.
-    identity = {"objective": "pretrain", "model_config": model_cfg.to_dict(),
-                "tokenizer_fingerprint": tokenizer.fingerprint, "train_config": dataclasses.asdict(train)}
-    ckpt = Checkpoint(train.run_dir, identity, config_yaml, train.keep_checkpoints, rank, world)
-    ckpt.find(train.resume, ds_cfg, log)
-
+    seq_len = resolve_seq_len(train, model_cfg.max_seq_len, "model.max_seq_len")
     torch.manual_seed(train.seed)
-    model = LilLM(model_cfg)
+    model = LilLM(model_cfg, activation_checkpointing=train.activation_checkpointing)
     model.init_weights()
-    engine, optimizer = build_engine(model, train, ds_cfg, cfg.ds_config, device)
-    objective = LanguageModeling(loader, val_shards, tokenizer, model_cfg, train, plan, rank, world,
-                                 device)
-    trainer = Trainer(engine, optimizer, objective, ckpt, train, plan, rank, world, device, log, precision(ds_cfg))
-    trainer.start(config_yaml, ds_cfg, tokenizer)
-    log.info(
-        f"lillm pretraining: {model.num_params():,} parameters, {world} rank(s) on {device.type}, "
-        f"{trainer.precision}, ZeRO stage {ds_cfg.get('zero_optimization', {}).get('stage', 0)}, "
-        f"{optimizer_summary(model, train)}; micro batch "
-        f"{plan.micro_batch_size} x seq {plan.seq_len} x accum {plan.grad_accum} x {world} = "
-        f"{plan.tokens_per_step:,} tokens/step; {plan.max_steps:,} steps "
-        f"({plan.max_steps * plan.tokens_per_step:,} tokens); {loader.num_windows:,} windows per epoch; data "
-        f"position {loader.global_position:,} windows"
-    )
-    return trainer
+
+    def make_objective(process: Process, plan: BatchPlan, engine: Any) -> LanguageModeling:
+        loader = PretrainLoader(shards, plan.seq_len, plan.micro_batch_size, process.rank, process.world,
+                                seed=train.seed, shuffle=cfg.data.shuffle, num_workers=cfg.data.num_workers,
+                                pin_memory=process.device.type == "cuda")
+        return LanguageModeling(loader, val_shards, tokenizer, model_cfg, train, plan, process)
+
+    def describe(trainer: Trainer) -> str:
+        plan, loader = trainer.plan, trainer.objective.loader
+        return (f"pretraining: {model.num_params():,} parameters; micro batch {plan.micro_batch_size} x seq "
+                f"{plan.seq_len} x accum {plan.grad_accum} x {plan.world_size} = {plan.tokens_per_step:,} "
+                f"tokens/step; {plan.max_steps:,} steps ({plan.max_steps * plan.tokens_per_step:,} tokens); "
+                f"{loader.num_windows:,} windows per epoch; data position {loader.global_position:,} windows")
+
+    identity = RunIdentity("pretrain", model_cfg.to_dict(), tokenizer.fingerprint, dataclasses.asdict(train))
+    return Task(model, tokenizer, identity, seq_len, make_objective, describe)
 
 
-def run(cfg: RunConfig, config_yaml: str) -> int:
-    """Train; returns the process exit code."""
-    return build(cfg, config_yaml).fit()
+def build(cfg: RunConfig, config_yaml: str) -> Trainer:
+    """Everything a pretraining run needs, restored from its checkpoint when resuming; `.fit()` trains."""
+    load_ds_config(cfg.ds_config)  # a bad JSON path fails before the shards are read
+    return assemble(task(cfg), cfg.train, cfg.ds_config, config_yaml)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `lillm pretrain`, `python -m lillm.train.pretrain` and launch/pretrain.py."""
-    run_script("pretrain", lambda: run(*parse_config(argv)))
+    run_training("pretrain", lambda: build(*parse_config(argv)).fit())
 
 
 if __name__ == "__main__":

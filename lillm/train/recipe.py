@@ -4,9 +4,9 @@
 
 The benchmark sweeps each recipe's learning rate by factors of 2 at d_model 128, 256 and 512 (depth 2, head_dim
 32, 4,096 tokens per step, seq 256, one pass over the built-in `stdlib` corpus), takes each sweep's optimum
-from a parabola through its best three points, and fits the power law through the optima (README "Learning
-quality" has the sweeps). For Muon the rule moves `muon_lr` and AdamW's `lr` (tied embedding, norms) by the
-same factor; `min_lr` stays at MIN_LR_RATIO of `lr`.
+from a parabola through its best three points, and fits the power law through the optima
+(docs/learning-quality.md has the sweeps). For Muon the rule moves `muon_lr` and AdamW's `lr` (tied embedding,
+norms) by the same factor; `min_lr` stays at MIN_LR_RATIO of `lr`.
 
 The shipped pretraining configs take their learning rates from `width_lrs` (a test checks every YAML). For
 lil-39m and lil-300m this is a prediction: the rule was measured at 4,096 tokens per step and at most 200

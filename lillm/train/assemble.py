@@ -1,0 +1,75 @@
+"""One run assembly: a task and its configuration in, a ready `Trainer` out, restored when resuming.
+
+An entry point (`lillm.train.pretrain`, `lillm.train.posttrain`) brings what is its own as a `Task`: the
+model (built, not yet under an engine), its tokenizer, the run's identity, and how to make its objective
+once the ranks exist. The rest is the same for every task and happens here, in this order:
+
+1. the DeepSpeed JSON, the batch plan and the filled JSON: every input is checked before the process group
+   exists, so bad input fails in a second on every rank;
+2. the process group;
+3. the resume plan (which checkpoint, loaded how), from which the engine's config is derived;
+4. the engine, the objective, and the checkpoint holding the run's stateful parts, restored;
+5. the run directory: room for a checkpoint, the run files (the filled JSON as it ran), the metrics writer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from lillm.model import LilLM
+from lillm.tokenizer import Tokenizer
+from lillm.train.checkpoint import Checkpoint, RunIdentity, plan_resume
+from lillm.train.config import BatchPlan, TrainConfig, plan_batches
+from lillm.train.dist import Process, launched_world_size, start_process
+from lillm.train.ds_config import fill_ds_config, load_ds_config, precision
+from lillm.train.engine import build_engine, optimizer_summary
+from lillm.train.loop import Objective, Progress, Trainer
+from lillm.train.rundir import open_run_dir
+
+
+@dataclasses.dataclass
+class Task:
+    """What an entry point brings to a run."""
+
+    model: LilLM
+    """The model to train, initialised or loaded (with LoRA applied), on the CPU."""
+    tokenizer: Tokenizer
+    identity: RunIdentity
+    seq_len: int
+    """Tokens per training row."""
+    make_objective: Callable[[Process, BatchPlan, Any], Objective]
+    """(this rank, the batch plan, the engine) -> the task's objective with its loader."""
+    describe: Callable[[Trainer], str]
+    """The task's part of the start-up line."""
+
+
+def assemble(task: Task, train: TrainConfig, ds_path: str, config_yaml: str) -> Trainer:
+    """Everything a run needs, restored from its checkpoint when resuming; `.fit()` trains."""
+    plan = plan_batches(train, task.seq_len, launched_world_size())
+    ds_cfg = fill_ds_config(load_ds_config(ds_path), train, plan, ds_path)
+    process = start_process()
+    resume = plan_resume(train.resume, train.run_dir, task.identity, process.world, ds_cfg)
+    for line in resume.warnings:
+        process.log.warning(line)
+    for line in resume.notes:
+        process.log.info(line)
+    engine, optimizer = build_engine(task.model, train, ds_cfg, ds_path, process.device, resume.load_universal)
+    objective = task.make_objective(process, plan, engine)
+    progress = Progress()
+    checkpoint = Checkpoint(train.run_dir, task.identity, config_yaml, train.keep_checkpoints, process.rank,
+                            process.world, engine, progress=progress, loader=objective.loader)
+    if checkpoint.restore(resume):
+        process.log.info(f"resumed from {resume.tag_dir} at step {progress.step} ({progress.tokens_seen:,} tokens)")
+    writer = open_run_dir(train.run_dir, process, model=engine.module, keep=train.keep_checkpoints,
+                          config_yaml=config_yaml, ds_cfg=ds_cfg, tokenizer=task.tokenizer,
+                          tensorboard=train.tensorboard, step=progress.step)
+    if progress.step == 0 and (scalars := objective.start_scalars()):
+        writer.scalars(scalars, 0)
+    trainer = Trainer(engine, objective, checkpoint, train, plan, process, precision(ds_cfg), progress, writer,
+                      optimizer)
+    stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
+    process.log.info(f"lillm {task.describe(trainer)}; {process.world} rank(s) on {process.device.type}, "
+                     f"{trainer.precision}, ZeRO stage {stage}, {optimizer_summary(task.model, train)}")
+    return trainer

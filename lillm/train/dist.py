@@ -1,0 +1,145 @@
+"""The processes of a run: the process group, this rank's device and logger, the stop signals, and the
+collectives the loop reads numbers with."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import socket
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lillm.errors import UserError, run_command
+from lillm.train.metrics import get_logger
+from lillm.train.ops import use_venv_extensions_dir
+
+
+@dataclasses.dataclass(frozen=True)
+class Process:
+    """This rank of the run: its index, the number of ranks, its device and its rank-aware logger."""
+
+    rank: int
+    world: int
+    device: torch.device
+    log: logging.Logger
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launched_world_size() -> int:
+    """The number of ranks the launcher started (1 for a plain `python`), known before the process group."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+_LAUNCHERS: list[Any] | None = None  # DeepSpeed launcher processes above this rank, from start_process()
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Initialise the process group (also for a plain single-process `python launch/pretrain.py`)."""
+    import deepspeed
+
+    use_venv_extensions_dir()
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    expected = launched_world_size()
+    deepspeed.init_distributed()
+    if dist.get_world_size() != expected:
+        raise UserError(f"the process group has {dist.get_world_size()} ranks but WORLD_SIZE says {expected}")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def start_process() -> Process:
+    """Join the process group (or reuse the one this process already joined)."""
+    global _LAUNCHERS
+    _LAUNCHERS = _launcher_ancestors()  # now, while they are all alive (StopFlag watches them)
+    rank, world, local_rank = init_distributed()
+    return Process(rank, world, local_device(local_rank), get_logger(rank))
+
+
+def local_device(local_rank: int) -> torch.device:
+    """This rank's device: its GPU under the CUDA accelerator, else the CPU."""
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    if accel.device_name() == "cpu":
+        return torch.device("cpu")
+    device = torch.device(accel.device_name(local_rank))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT, or when the `deepspeed` command that started this rank has exited (DeepSpeed's
+    launcher dies on SIGTERM without passing it on, so its ranks would otherwise train unattended); the loop
+    finishes the step, saves and exits 0. `close()` puts the previous handlers back."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self.reason = ""
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self._launchers = _LAUNCHERS if _LAUNCHERS is not None else _launcher_ancestors()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        self.reason = f"received signal {signal.Signals(signum).name}"
+
+    def requested(self) -> bool:
+        """Whether to stop after this step (a local check; the loop agrees on it across ranks)."""
+        if not self.signum and self._launchers and not all(_alive(p) for p in self._launchers):
+            self.signum = signal.SIGTERM
+            self.reason = "the deepspeed command that started this run has exited"
+        return self.signum > 0
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _alive(process: Any) -> bool:
+    """Running, and not a zombie (a dead launcher waits as one until whoever started it collects it)."""
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _launcher_ancestors() -> list[Any]:
+    """This process's ancestors that are DeepSpeed launcher processes (none for a plain `python ...`)."""
+    import psutil
+
+    try:
+        return [p for p in psutil.Process().parents() if any("deepspeed" in part for part in p.cmdline()[:4])]
+    except psutil.Error:
+        return []
+
+
+def all_reduce(values: list[Any], device: torch.device, op: Any = None) -> list[float]:
+    """Sum (or `op`) numbers over ranks, read back on the host: numbers or 0-dim tensors already on the device.
+    A wait for the device: for log, eval and agreement steps only."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device) for v in values])
+    dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def to_device(values: list[float], device: torch.device) -> torch.Tensor:
+    """Host numbers as a float64 device tensor without waiting for the device (pinned, asynchronous copy)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+def run_training(name: str, body: Any) -> None:
+    """Run a training entry point through `lillm.errors.run_command`; the process group is torn down either way."""
+    run_command(name, body, cleanup=lambda: dist.destroy_process_group() if dist.is_initialized() else None)
