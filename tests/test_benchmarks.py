@@ -10,6 +10,8 @@ import pytest
 
 from .conftest import REPO
 
+pytestmark = pytest.mark.slow  # subprocess runs of whole benchmarks: minutes
+
 
 def test_gpu_check_smoke_on_cpu(tmp_path):
     """benchmarks/gpu_check.sh --smoke: every step of the GPU validation (data, benchmarks/gpu.py with lillm and

@@ -56,6 +56,7 @@ def assemble(task: Task, train: TrainConfig, ds_path: str, config_yaml: str) -> 
     for line in resume.notes:
         process.log.info(line)
     engine, optimizer = build_engine(task.model, train, ds_cfg, ds_path, process.device, resume.load_universal)
+    optimizer_line = optimizer_summary(task.model, train)
     objective = task.make_objective(process, plan, engine)
     progress = Progress()
     checkpoint = Checkpoint(train.run_dir, task.identity, config_yaml, train.keep_checkpoints, process.rank,
@@ -71,5 +72,5 @@ def assemble(task: Task, train: TrainConfig, ds_path: str, config_yaml: str) -> 
                       optimizer)
     stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
     process.log.info(f"lillm {task.describe(trainer)}; {process.world} rank(s) on {process.device.type}, "
-                     f"{trainer.precision}, ZeRO stage {stage}, {optimizer_summary(task.model, train)}")
+                     f"{trainer.precision}, ZeRO stage {stage}, {optimizer_line}")
     return trainer
