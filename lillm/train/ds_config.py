@@ -112,7 +112,7 @@ def fill_ds_config(raw: dict[str, Any], train: TrainConfig, plan: BatchPlan, sou
         params.setdefault("adam_w_mode", True)
     if kind == "muon":
         # The Muon half reads muon_lr and momentum; the auxiliary AdamW half lr, betas, eps, weight_decay, and
-        # is torch's AdamW (exact resume, see lillm.train.engine.build_optimizer) unless ZeRO offloads it, which
+        # is torch's AdamW (exact resume, see lillm.train.engine.lillm_builds_optimizer) unless ZeRO offloads it, which
         # needs DeepSpeed's CPU Adam.
         for key, value in (("muon_lr", train.muon_lr), ("momentum", train.muon_momentum)):
             _fill(params, key, value, "optimizer.params.")
