@@ -4,7 +4,7 @@ An entry point (`lillm.train.pretrain`, `lillm.train.posttrain`) brings what is 
 model (built, not yet under an engine), its tokenizer, the run's identity, and how to make its objective
 once the ranks exist. The rest is the same for every task and happens here, in this order:
 
-1. the DeepSpeed JSON, the batch plan and the filled JSON: every input is checked before the process group
+1. the batch plan and the filled DeepSpeed JSON: every input is checked before the process group
    exists, so bad input fails in a second on every rank;
 2. the process group;
 3. the resume plan (which checkpoint, loaded how), from which the engine's config is derived;
@@ -23,7 +23,7 @@ from lillm.tokenizer import Tokenizer
 from lillm.train.checkpoint import Checkpoint, RunIdentity, plan_resume
 from lillm.train.config import BatchPlan, TrainConfig, plan_batches
 from lillm.train.dist import Process, launched_world_size, start_process
-from lillm.train.ds_config import fill_ds_config, load_ds_config, precision
+from lillm.train.ds_config import fill_ds_config, precision
 from lillm.train.engine import build_engine, optimizer_summary
 from lillm.train.loop import Objective, Progress, Trainer
 from lillm.train.rundir import open_run_dir
@@ -45,10 +45,11 @@ class Task:
     """The task's part of the start-up line."""
 
 
-def assemble(task: Task, train: TrainConfig, ds_path: str, config_yaml: str) -> Trainer:
-    """Everything a run needs, restored from its checkpoint when resuming; `.fit()` trains."""
+def assemble(task: Task, train: TrainConfig, ds_path: str, raw_ds: dict[str, Any], config_yaml: str) -> Trainer:
+    """Everything a run needs, restored from its checkpoint when resuming; `.fit()` trains. `raw_ds` is the
+    DeepSpeed JSON read from `ds_path` (the entry point reads it first, so a bad path fails first)."""
     plan = plan_batches(train, task.seq_len, launched_world_size())
-    ds_cfg = fill_ds_config(load_ds_config(ds_path), train, plan, ds_path)
+    ds_cfg = fill_ds_config(raw_ds, train, plan, ds_path)
     process = start_process()
     resume = plan_resume(train.resume, train.run_dir, task.identity, process.world, ds_cfg)
     for line in resume.warnings:

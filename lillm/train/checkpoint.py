@@ -45,6 +45,7 @@ from lillm.runs import (
     tag_for,
     universal_dir,
 )
+from lillm.train.ds_config import offloads_optimizer
 from lillm.train.reshard import full_states, load_full_states, load_scaler_state
 
 
@@ -165,8 +166,9 @@ class ResumePlan:
     """'as_saved': same world size. 'universal': another world size, through DeepSpeed's universal format.
     'reshard': another world size with Muon, whose momentum lillm re-partitions (`lillm.train.reshard`)."""
     notes: tuple[str, ...] = ()
-    """What to tell the user (a fallback from a damaged checkpoint, a conversion)."""
+    """What to tell the user about how it loads (a conversion, a re-partition)."""
     warnings: tuple[str, ...] = ()
+    """What went wrong on the way (a damaged latest checkpoint, passed over for an intact one)."""
 
     @property
     def load_universal(self) -> bool:
@@ -201,8 +203,7 @@ def plan_resume(spec: str, run_dir: str | os.PathLike, identity: RunIdentity, wo
     if meta.get("train_config", {}).get("optimizer") != "muon":
         return ResumePlan(tag_dir, saved, "universal", (f"resuming a {saved}-rank checkpoint on {world} ranks: "
                           f"converting {tag_dir.name} to DeepSpeed's universal format",), warnings)
-    offload = ds_cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
-    if offload not in (None, "none"):
+    if offloads_optimizer(ds_cfg):
         raise UserError(f"cannot resume the Muon checkpoint {tag_dir} on {world} rank(s): it was saved by {saved}, and "
                         "with optimizer offload Muon's momentum is kept per partition, which neither DeepSpeed's "
                         f"universal format nor lillm re-partitions. Resume with {saved} rank(s), or without offload")

@@ -116,11 +116,15 @@ def fill_ds_config(raw: dict[str, Any], train: TrainConfig, plan: BatchPlan, sou
         # needs DeepSpeed's CPU Adam.
         for key, value in (("muon_lr", train.muon_lr), ("momentum", train.muon_momentum)):
             _fill(params, key, value, "optimizer.params.")
-        offload = zero.get("offload_optimizer", {}).get("device", "none")
-        if offload in (None, "none"):
+        if not offloads_optimizer(cfg):
             params.setdefault("torch_adam", True)
     cfg.setdefault("steps_per_print", 10**9)  # lillm logs; keep DeepSpeed's own step lines out of the console
     return cfg
+
+
+def offloads_optimizer(cfg: dict[str, Any]) -> bool:
+    """Whether ZeRO keeps the optimizer on the CPU (zero_optimization.offload_optimizer.device is set)."""
+    return cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") not in (None, "none")
 
 
 def precision(cfg: dict[str, Any]) -> str:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lillm.errors import UserError
+from lillm.train.ds_config import offloads_optimizer
 
 
 def param_groups(model: nn.Module, weight_decay: float, muon_weight_decay: float | None = None
@@ -83,8 +84,7 @@ def lillm_builds_optimizer(ds_cfg: dict[str, Any]) -> bool:
     bit-identical. DeepSpeed builds it where it must: with optimizer offload (ZeRO needs its CPU Adam) and for
     Muon (ZeRO-2 orthogonalises each matrix's whole gradient before partitioning it, which a client optimizer,
     seeing flat partitions, cannot; `fill_ds_config` makes its auxiliary Adam torch's AdamW, `torch_adam`)."""
-    offload = ds_cfg.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
-    return ds_cfg["optimizer"]["type"].lower() != "muon" and offload in (None, "none")
+    return ds_cfg["optimizer"]["type"].lower() != "muon" and not offloads_optimizer(ds_cfg)
 
 
 def client_optimizer(ds_cfg: dict[str, Any], groups: list[dict[str, Any]], device: torch.device

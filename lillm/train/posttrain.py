@@ -271,8 +271,8 @@ def task(cfg: PostTrainConfig, name: TaskName) -> Task:
 
 def build(cfg: PostTrainConfig, config_yaml: str, name: TaskName) -> Trainer:
     """Everything a post-training run needs, restored from its checkpoint when resuming; `.fit()` trains."""
-    load_ds_config(cfg.ds_config)  # a bad JSON path fails before the model is loaded
-    return assemble(task(cfg, name), cfg.train, cfg.ds_config, config_yaml)
+    raw_ds = load_ds_config(cfg.ds_config)  # a bad JSON path fails before the model is loaded
+    return assemble(task(cfg, name), cfg.train, cfg.ds_config, raw_ds, config_yaml)
 
 
 def main(name: TaskName, argv: list[str] | None = None) -> None:

@@ -139,8 +139,8 @@ def task(cfg: RunConfig) -> Task:
 
 def build(cfg: RunConfig, config_yaml: str) -> Trainer:
     """Everything a pretraining run needs, restored from its checkpoint when resuming; `.fit()` trains."""
-    load_ds_config(cfg.ds_config)  # a bad JSON path fails before the shards are read
-    return assemble(task(cfg), cfg.train, cfg.ds_config, config_yaml)
+    raw_ds = load_ds_config(cfg.ds_config)  # a bad JSON path fails before the shards are read
+    return assemble(task(cfg), cfg.train, cfg.ds_config, raw_ds, config_yaml)
 
 
 def main(argv: list[str] | None = None) -> None:
