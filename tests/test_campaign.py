@@ -4,7 +4,8 @@ Each row runs one `lillm` command line in-process (the console script's own `mai
 `lillm pretrain|sft|dpo` dispatch to) against a workspace of real outputs: a tokenizer, shards, a training
 run with a checkpoint, its export, and damaged copies of them. Every row must give exit code 2, exactly one
 line on stderr naming the problem, no traceback, within a time bound, and leave every file in the
-workspace as it was (nothing written, nothing lost). The counts are printed (pytest -s) for the record.
+workspace as it was (nothing written, nothing lost). Each row is its own test case, named by its command and
+the fragment; LILLM_CAMPAIGN_VERBOSE=1 with pytest -s prints every row's error line.
 """
 
 from __future__ import annotations
@@ -192,58 +193,63 @@ class Hang(BaseException):
     """Raised by the alarm: a BaseException, so no `except Exception` in the code under test swallows it."""
 
 
-def test_every_command_refuses_bad_input_in_one_line_and_changes_nothing(ws, monkeypatch, capsys):
+W = "{w}"  # the workspace in a row, replaced by its path when the row runs
+ROWS = rows(Path(W))
+
+
+def _row_id(row: tuple[list[str], str]) -> str:
+    argv, fragment = row
+    return f"{argv[0]}-{fragment[:40]}"
+
+
+@pytest.fixture(scope="module")
+def pristine(ws) -> dict[str, str]:
+    """The workspace as built; every row must leave it so (a row that changes it restores it for the next)."""
+    return snapshot(ws)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[f"{i:02d}-{_row_id(r)}" for i, r in enumerate(ROWS)])
+def test_bad_input_is_refused_in_one_line_and_changes_nothing(row, ws, pristine, monkeypatch, capsys):
+    """One command line of the campaign: exit 2, exactly one stderr line holding the fragment, no traceback,
+    no hang, and every file of the workspace as it was."""
     import torch.distributed as dist
 
-    monkeypatch.setattr(dist, "destroy_process_group", lambda: None)  # the training rows keep the session's group
-    before = snapshot(ws)
-    counts = {"trials": 0, "tracebacks": 0, "hangs": 0, "wrong exit": 0, "not one line": 0, "outputs changed": 0}
-    failures = []
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: None)  # training rows keep the session's group
+    argv = [a.replace(W, str(ws)) for a in row[0]]
+    fragment = row[1]
+    err, out = io.StringIO(), io.StringIO()
 
     def alarm(*_):
         raise Hang
 
     old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(HANG_S)
     try:
-        for argv, fragment in rows(ws):
-            counts["trials"] += 1
-            err, out = io.StringIO(), io.StringIO()
-            code, problem = None, ""
-            signal.alarm(HANG_S)
-            try:
-                with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-                    code = cli_exit(argv)
-            except Hang:
-                counts["hangs"] += 1
-                problem = "hang"
-            except BaseException as e:  # noqa: BLE001 - an escaped exception is what the campaign counts
-                counts["tracebacks"] += 1
-                problem = f"traceback: {type(e).__name__}: {e}"
-            finally:
-                signal.alarm(0)
-            lines = [line for line in err.getvalue().splitlines() if line.strip()]
-            if not problem and code != 2:
-                counts["wrong exit"] += 1
-                problem = f"exit {code}"
-            if not problem and (len(lines) != 1 or fragment not in lines[0] or "Traceback" in err.getvalue()):
-                counts["not one line"] += 1
-                problem = f"stderr {lines!r}"
-            after = snapshot(ws)
-            if after != before:
-                counts["outputs changed"] += 1
-                changed = sorted(set(after.items()) ^ set(before.items()))
-                problem += f" changed {changed[:4]}"
-                _restore(ws, before, after)
-            if problem:
-                failures.append(f"{' '.join(a.replace(str(ws), '{w}')[:60] for a in argv)}: {problem}")
-            elif VERBOSE:
-                with capsys.disabled():
-                    print(f"{argv[0]}: {lines[0].replace(str(ws), '{w}')[:150]}")
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            code = cli_exit(argv)
+    except Hang:
+        code = "hang"
     finally:
+        signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
-    print("\nbad-input campaign:", ", ".join(f"{k} {v}" for k, v in counts.items()))
-    assert not failures, "\n".join(failures)
-    assert counts["trials"] >= 70
+        after = snapshot(ws)
+        changed = sorted(set(after.items()) ^ set(pristine.items()))
+        if changed:
+            _restore(ws, pristine, after)
+    lines = [line for line in err.getvalue().splitlines() if line.strip()]
+    if VERBOSE and lines:
+        with capsys.disabled():
+            print(f"\n{argv[0]}: {lines[0].replace(str(ws), W)[:150]}")
+    assert code == 2, f"exit {code}; stderr {err.getvalue()[-2000:]}"
+    assert "Traceback" not in err.getvalue(), err.getvalue()[-2000:]
+    assert len(lines) == 1 and fragment in lines[0], lines
+    assert not changed, f"files changed: {changed[:4]}"
+
+
+def test_the_campaign_has_its_rows_and_covers_every_command():
+    assert len(ROWS) >= 72
+    covered = {argv[0] for argv, _ in ROWS}
+    assert covered == set(cli.COMMANDS), set(cli.COMMANDS) - covered
 
 
 def _restore(ws: Path, before: dict[str, str], after: dict[str, str]) -> None:
@@ -251,11 +257,6 @@ def _restore(ws: Path, before: dict[str, str], after: dict[str, str]) -> None:
     for rel in sorted(set(after) - set(before), key=len, reverse=True):
         p = ws / rel
         shutil.rmtree(p) if p.is_dir() else p.unlink()
-
-
-def test_the_campaign_covers_every_command(ws):
-    covered = {argv[0] for argv, _ in rows(ws)}
-    assert covered == set(cli.COMMANDS), set(cli.COMMANDS) - covered
 
 
 def test_a_tokenizer_of_the_same_model_is_accepted_and_force_overrides(ws, capsys):
