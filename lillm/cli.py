@@ -4,6 +4,7 @@ into options and help text, and gives every subcommand `--config file.yaml` and 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Literal
 
 from lillm.errors import UserError, run_command
@@ -249,8 +250,6 @@ def export(
         out: Directory to write config.json, model.safetensors, generation_config.json and the tokenizer.
         dtype: Dtype of the written weights (consolidation itself is in fp32).
     """
-    from pathlib import Path
-
     from lillm.hf import export_hf
     from lillm.loading import DTYPES, load_model_from_checkpoint
     from lillm.runs import resolve_checkpoint
@@ -293,6 +292,65 @@ def checkpoint(path: str, convert_universal: bool = False) -> None:
         print(f"  universal: {convert_to_universal(tag_dir)}")
 
 
+def evaluate(
+    model: str,
+    tasks: str = "bpb:pydoc,pydoc-continuation",
+    limit: int | None = None,
+    batch_size: int = 16,
+    split: str | None = None,
+    hf_config: str | None = None,
+    out: str | None = None,
+    tokenizer: str | None = None,
+    device: str = "auto",
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    force_tokenizer: bool = False,
+) -> None:
+    """Score a model: bits per byte on text and accuracy on multiple-choice and cloze tasks.
+
+    Tasks (comma-separated, each KIND or KIND:SOURCE; SOURCE a local .jsonl/.json/.parquet file or folder,
+    or hf:NAME): bpb:SOURCE (bits per byte; SOURCE may be pydoc or stdlib); hellaswag, arc_easy,
+    arc_challenge, piqa (multiple choice: acc and acc_norm as lm-evaluation-harness reports them); lambada
+    (last-word accuracy and perplexity); pydoc-continuation, stdlib-continuation (built in, offline: a
+    held-out passage's true continuation among 4). Without a SOURCE a downstream task reads its Hub dataset.
+
+    Args:
+        model: An exported transformers directory, a training run directory or a checkpoint directory.
+        tasks: Comma-separated task specs (see above).
+        limit: Score at most this many items per task (documents for bpb).
+        batch_size: Sequences per forward pass.
+        split: Split to read (default: each task's usual split; train for local files).
+        hf_config: Dataset configuration for hf: sources (default: each task's usual one).
+        out: Write the results as JSON to this file and as a markdown table next to it (.md).
+        tokenizer: Tokenizer directory; default: the one stored with the model.
+        device: 'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'.
+        dtype: Compute dtype of the weights.
+        force_tokenizer: Use --tokenizer even when it is not the tokenizer the model was trained with.
+    """
+    from lillm.evals.harness import Scorer, prepare_task
+    from lillm.evals.report import evaluate as run
+    from lillm.evals.report import markdown, write_report
+    from lillm.evals.tasks import parse_task
+
+    if limit is not None and limit < 1:
+        raise UserError(f"limit must be >= 1, got {limit}")
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    if out is not None and Path(out).is_dir():
+        raise UserError(f"{out}: is a directory (--out names the JSON file to write)")
+    specs = [parse_task(t.strip(), split, hf_config) for t in tasks.split(",") if t.strip()]
+    if not specs:
+        raise UserError("no tasks given (--tasks)")
+    net, tok = _load_for_inference(model, tokenizer, device, dtype, force_tokenizer)
+    max_len = net.config.max_seq_len
+    prepared = [prepare_task(t, tok, max_len, limit) for t in specs]
+    scorer = Scorer(net, tok, max_len, net.config.vocab_size, batch_size, next(net.parameters()).device)
+    results = run(scorer, prepared, show_progress=True)
+    print(markdown(results))
+    if out is not None:
+        about = {"model": str(model), "parameters": net.num_params(), "dtype": dtype, "limit": limit}
+        print("wrote " + " and ".join(str(p) for p in write_report(results, out, about)))
+
+
 def pretrain() -> None:
     """Pretrain with DeepSpeed (ZeRO-2): the options of launch/pretrain.py; `lillm pretrain --help` lists them.
 
@@ -311,7 +369,7 @@ def dpo() -> None:
 
 TRAINING = {"pretrain": pretrain, "sft": sft, "dpo": dpo}
 COMMANDS = {"generate": generate, "chat": chat, "train-tokenizer": train_tokenizer, "prepare": prepare,
-            "shards": shards, "export": export, "checkpoint": checkpoint, **TRAINING}
+            "shards": shards, "export": export, "checkpoint": checkpoint, "eval": evaluate, **TRAINING}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,7 @@ LAYERS = [
     ["lillm.config"],
     ["lillm.model", "lillm.tokenizer", "lillm.scoring"],
     ["lillm.lora", "lillm.generate", "lillm.hf", "lillm.data"],
-    ["lillm.loading", "lillm.chat"],
+    ["lillm.loading", "lillm.chat", "lillm.evals"],
     ["lillm.train"],
     ["lillm.cli", "lillm"],
 ]
