@@ -70,6 +70,13 @@ def ws(tmp_path_factory, process_group, tokenizer_dir, pretrain_shards, chat_bas
         forge(manifest)
         (root / name / "manifest.json").write_text(json.dumps(manifest))
     (root / "sft_bad.jsonl").write_text(json.dumps({"prompt": "hi"}) + "\n")
+    hs = {"activity_label": "a", "ctx_a": "b", "ctx_b": "c", "endings": ["d", "e", "f", "g"], "label": "1"}
+    (root / "hs_missing.jsonl").write_text(json.dumps({k: v for k, v in hs.items() if k != "endings"}) + "\n")
+    (root / "hs_label.jsonl").write_text(json.dumps({**hs, "label": "7"}) + "\n")
+    (root / "arc_one.jsonl").write_text(json.dumps({"question": "q", "answerKey": "A",
+                                                    "choices": {"text": ["x"], "label": ["A"]}}) + "\n")
+    word = "".join(chr(97 + (i * 7 + i // 26) % 26) for i in range(4000))  # one 'word' longer than the context
+    (root / "lambada_long.jsonl").write_text(json.dumps({"text": f"the last word is {word}"}) + "\n")
     (root / "sft.jsonl").write_text("".join(json.dumps({"prompt": q, "response": a}) + "\n" for q, a in QA))
     (root / "dpo.jsonl").write_text("".join(json.dumps({"prompt": q, "chosen": a, "rejected": "no"}) + "\n"
                                             for q, a in QA))
@@ -163,6 +170,20 @@ def rows(w: Path) -> list[tuple[list[str], str]]:
         (["checkpoint", f"{w}/run_bad_meta"], "lillm.json"),
         (["checkpoint", f"{w}/run_no_model"], "model_states"),
         (["checkpoint", f"{w}/nope"], "not found"),
+        # eval
+        (["eval", f"{w}/nope"], "no such file"),
+        (["eval", f"{w}/export", "--tasks", "nope"], "unknown task 'nope'"),
+        (["eval", f"{w}/export", "--tasks", "bpb"], "bpb needs a text source"),
+        (["eval", f"{w}/export", "--tasks", "pydoc-continuation:x"], "takes no source"),
+        (["eval", f"{w}/export", "--tasks", f"hellaswag:{w}/nope.jsonl"], "no such file"),
+        (["eval", f"{w}/export", "--tasks", f"hellaswag:{w}/hs_missing.jsonl"], "missing field 'endings'"),
+        (["eval", f"{w}/export", "--tasks", f"hellaswag:{w}/hs_label.jsonl"], "field 'label' is 7"),
+        (["eval", f"{w}/export", "--tasks", f"arc_easy:{w}/arc_one.jsonl"], "1 choice(s)"),
+        (["eval", f"{w}/export", "--tasks", f"piqa:{w}/sft_bad.jsonl"], "missing field 'sol1'"),
+        (["eval", f"{w}/export", "--tasks", f"lambada:{w}/lambada_long.jsonl"], "longer than the model's context"),
+        (["eval", f"{w}/export", "--tasks", f"bpb:{w}/empty.txt"], "no documents"),
+        (["eval", f"{w}/export", "--limit", "0"], "limit must be >= 1"),
+        (["eval", f"{w}/export", "--out", f"{w}/shards"], "is a directory"),
         # pretrain (each refused before any process group or run directory exists)
         (["pretrain", *tr, "--train.lr", ".nan"], "lr must be a finite number, got nan"),
         (["pretrain", *tr, "--train.grad_clip", ".nan"], "grad_clip must be a finite number"),
@@ -247,7 +268,7 @@ def test_bad_input_is_refused_in_one_line_and_changes_nothing(row, ws, pristine,
 
 
 def test_the_campaign_has_its_rows_and_covers_every_command():
-    assert len(ROWS) >= 72
+    assert len(ROWS) >= 85
     covered = {argv[0] for argv, _ in ROWS}
     assert covered == set(cli.COMMANDS), set(cli.COMMANDS) - covered
 
