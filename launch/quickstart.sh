@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole path on the built-in corpus (Python's own documentation, no network needed):
-# tokenizer -> shards -> DeepSpeed ZeRO-2 pretraining on 2 ranks -> checkpoint -> a generated sample.
+# tokenizer -> shards -> DeepSpeed ZeRO-2 pretraining on 2 ranks -> checkpoint -> a generated sample ->
+# bits per byte on the held-out split and the built-in continuation task's accuracy.
 # On CPU: two CPU ranks over gloo, fp32, a few minutes. With GPUs: every GPU, bf16 (ds_configs/zero2.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +28,9 @@ deepspeed --num_gpus "$NGPU" launch/pretrain.py --ds_config "$DS" --config launc
 echo
 echo "== a sample from $RUN =="
 lillm generate "$RUN" "The module" --max_new_tokens 60 --temperature 0.8 --top_k 50
+echo
+echo "== evaluation of $RUN: bits per byte on the held-out split, the built-in task (chance 0.25) =="
+lillm eval "$RUN" --tasks "bpb:$DATA,pydoc-continuation" --out "$RUN/eval.json"
 echo
 echo "TensorBoard: tensorboard --logdir $RUN/tensorboard"
 echo "Export:      lillm export $RUN exported/debug"

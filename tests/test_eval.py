@@ -9,6 +9,7 @@ import math
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -146,3 +147,25 @@ def test_the_builtin_task_is_held_out_text_with_four_distinct_choices():
 
     held_out = " ".join(" ".join(t.split()) for t in open_source("pydoc") if in_validation(t, 0.005))
     assert all(f"{i.context} {i.choices[i.gold]}" in held_out for i in items[:10])
+
+
+def test_bits_per_byte_of_a_prepared_split_equals_its_text(tokenizer_dir, pretrain_shards, tmp_path):
+    """bpb:DIR scores the val shards; the same documents as text give the same stream and the same figure."""
+    from lillm.data.loader import ShardSet
+    from lillm.tokenizer import load_tokenizer
+
+    from .conftest import tiny_model
+
+    tok = load_tokenizer(tokenizer_dir)
+    model = tiny_model(vocab_size=tok.vocab_size, max_seq_len=64)
+    shards = ShardSet(pretrain_shards, "val")
+    ids = np.concatenate([np.asarray(m, dtype=np.int64) for m in shards.maps()])
+    docs = [tok.decode(d) for d in np.split(ids, np.flatnonzero(ids == tok.eos_id) + 1) if len(d)]
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    scorer = Scorer(model, tok, 64, tok.vocab_size, batch_size=4)
+    a = prepare_task(parse_task(f"bpb:{pretrain_shards}"), tok, 64)
+    b = prepare_task(parse_task(f"bpb:{tmp_path / 'val.jsonl'}"), tok, 64)
+    assert a.documents == b.documents == len(docs)
+    assert np.array_equal(a.stream, b.stream)
+    assert run_task(scorer, a)["bpb"] == run_task(scorer, b)["bpb"]
+    assert prepare_task(parse_task(f"bpb:{pretrain_shards}"), tok, 64, limit=2).documents == 2

@@ -343,3 +343,31 @@ def test_agreements_follow_the_step_time(process_group, pretrain_shards, tmp_pat
         assert trainer.fit() == 0
     assert seen[1e9] == [1, 1 + loop.AGREE_EVERY, 12]
     assert seen[0.0] == list(range(1, 13))
+
+
+def test_evaluation_tasks_leave_training_bit_identical_and_score_as_lillm_eval(process_group, pretrain_shards,
+                                                                               tmp_path):
+    """train.eval_tasks on: the same training and validation losses at every step, and at the last step the
+    scores `lillm eval` gives the saved checkpoint."""
+    from lillm import cli
+
+    hs = {"activity_label": "Python", "ctx_a": "The function returns", "ctx_b": "a list of",
+          "endings": ["names in the module.", "banana bread.", "the loop", "seven dogs"], "label": "0"}
+    (tmp_path / "hs.jsonl").write_text("".join(json.dumps({**hs, "label": str(i % 4)}) + "\n" for i in range(5)))
+    tasks = ["pydoc-continuation", "bpb:pydoc", f"hellaswag:{tmp_path / 'hs.jsonl'}"]
+    common = ("--train.max_steps", "4", "--train.eval_interval", "2", "--train.eval_batches", "1")
+    assert pretrainer(pretrain_shards, tmp_path / "plain", *common).fit() == 0
+    assert pretrainer(pretrain_shards, tmp_path / "tasks", *common, "--train.eval_tasks", json.dumps(tasks),
+                      "--train.eval_task_limit", "6").fit() == 0
+    for key in ("train/loss", "val/loss"):
+        assert metrics(tmp_path / "plain", key) == metrics(tmp_path / "tasks", key)
+    acc = metrics(tmp_path / "tasks", "eval/pydoc-continuation/acc")
+    assert sorted(acc) == [2, 4]
+    with pytest.raises(SystemExit):
+        cli.main(["eval", str(tmp_path / "tasks"), "--tasks", ",".join(tasks), "--limit", "6", "--out",
+                  str(tmp_path / "eval.json")])
+    after = json.loads((tmp_path / "eval.json").read_text())["results"]
+    for spec, name in zip(tasks, ["pydoc-continuation", "bpb:pydoc", "hellaswag:hs"]):
+        for metric, value in after[spec].items():
+            if metric in ("bpb", "acc", "acc_norm"):
+                assert metrics(tmp_path / "tasks", f"eval/{name}/{metric}")[4] == pytest.approx(value, abs=1e-6)

@@ -20,6 +20,9 @@ from .conftest import launch as launch_script
 pytestmark = pytest.mark.slow
 
 
+EVAL_TASKS = ["pydoc-continuation", "bpb:pydoc"]
+
+
 def _args(data: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
     return ["launch/pretrain.py", "--config", "launch/configs/debug.yaml", "--ds_config", "ds_configs/zero2_cpu.json",
             "--data.dir", str(data), "--train.run_dir", str(run_dir), "--model.vocab_size", "1024",
@@ -28,7 +31,7 @@ def _args(data: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
             "--train.warmup_steps", "4", "--train.micro_batch_size", "4", "--train.seq_len", "64",
             # AdamW here (DeepSpeed's universal format on a world-size change); Muon: tests/test_muon.py
             "--train.optimizer", "adamw", "--train.grad_clip", "1.0", "--train.lr", "3e-3", "--train.min_lr", "3e-4",
-            *extra]
+            "--train.eval_tasks", json.dumps(EVAL_TASKS), "--train.eval_task_limit", "6", *extra]
 
 
 def launch(data, run_dir, steps, *extra, ranks=2, timeout=600) -> subprocess.CompletedProcess:
@@ -66,6 +69,20 @@ def test_end_to_end_run(full_run):
     assert "2 rank(s) on cpu, fp32, ZeRO stage 2" in r.stdout
     assert "step 12/12 | loss" in r.stdout and "tok/s" in r.stdout and "eta" in r.stdout
     assert (run_dir / "config.yaml").read_text().count("micro_batch_size: 4") == 1
+
+
+def test_evaluation_tasks_on_two_ranks_score_as_lillm_eval_on_one(full_run, tmp_path):
+    """Items split over 2 ranks during training, the saved step-12 model scored by one `lillm eval` process:
+    the same figures."""
+    run_dir, _ = full_run
+    out = tmp_path / "eval.json"
+    r = run_cli("eval", str(run_dir), "--tasks", ",".join(EVAL_TASKS), "--limit", "6", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert metrics(run_dir, "eval/bpb:pydoc/bpb")[12] == pytest.approx(results["bpb:pydoc"]["bpb"], abs=1e-6)
+    for metric in ("acc", "acc_norm"):
+        during = metrics(run_dir, f"eval/pydoc-continuation/{metric}")
+        assert sorted(during) == [6, 12] and during[12] == results["pydoc-continuation"][metric]
 
 
 def test_tensorboard_scalars_read_back(full_run):

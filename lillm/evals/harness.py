@@ -117,18 +117,29 @@ def prepare_task(task: Task, tok: Tokenizer, max_len: int, limit: int | None = N
 
 
 def _prepare_bpb(task: Task, tok: Tokenizer, limit: int | None) -> PreparedTask:
+    """The token stream of the source's documents, each followed by end-of-text as in the shards, after one
+    end-of-text so the first document starts as every other does. A directory written by `lillm prepare`
+    gives its split's tokens as they are (default: val); its tokenizer must be the model's."""
+    from pathlib import Path
+
+    from lillm.data.loader import ShardSet
     from lillm.data.sources import iter_texts, open_source
 
-    split = task.split or "train"
-    src = open_source(task.source, hf_config=task.hf_config, split=split)
-    ids: list[np.ndarray] = [np.array([tok.eos_id], dtype=np.int64)]
-    documents = 0
-    for text in iter_texts(src, limit=limit):
-        ids.append(np.array([*tok.encode(text), tok.eos_id], dtype=np.int64))
-        documents += 1
+    eos = np.array([tok.eos_id], dtype=np.int64)
+    if (Path(task.source) / "manifest.json").is_file():
+        shards = ShardSet(task.source, task.split or "val", tokenizer=tok)
+        tokens = np.concatenate([eos, *(np.asarray(m, dtype=np.int64) for m in shards.maps())])
+        ends = np.flatnonzero(tokens[1:] == tok.eos_id) + 1
+        if limit is not None and len(ends) > limit:
+            tokens = tokens[:ends[limit - 1] + 1]
+        documents = min(len(ends), limit or len(ends))
+    else:
+        src = open_source(task.source, hf_config=task.hf_config, split=task.split or "train")
+        docs = [np.array([*tok.encode(text), tok.eos_id], dtype=np.int64) for text in iter_texts(src, limit=limit)]
+        tokens, documents = np.concatenate([eos, *docs]), len(docs)
     if documents == 0:
         raise UserError(f"task {task.spec!r}: the source holds no documents")
-    return PreparedTask(task, stream=np.concatenate(ids), documents=documents)
+    return PreparedTask(task, stream=tokens, documents=documents)
 
 
 @dataclasses.dataclass

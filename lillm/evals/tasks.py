@@ -6,7 +6,8 @@ A task spec is `KIND` or `KIND:SOURCE`. SOURCE is what lillm reads elsewhere: a 
 Without a SOURCE, a downstream task reads its dataset from the Hub (the name, configuration and split that
 lm-evaluation-harness uses). Kinds:
 
-  bpb:SOURCE            bits per byte of a text source (the built-ins `pydoc` and `stdlib` included)
+  bpb:SOURCE            bits per byte of a text source (the built-ins `pydoc` and `stdlib` included), or
+                        of a split of a directory written by `lillm prepare` (default: its val split)
   hellaswag             {"activity_label", "ctx_a", "ctx_b", "endings": [4], "label": "0".."3"}
   arc_easy, arc_challenge
                         {"question", "choices": {"text": [...], "label": [...]}, "answerKey"}
@@ -24,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from lillm.data.sources import BUILTINS, find_files, in_validation, iter_file_records, iter_hf_records, open_source
@@ -67,6 +69,14 @@ class Task:
     @property
     def is_bpb(self) -> bool:
         return self.kind == "bpb"
+
+    @property
+    def name(self) -> str:
+        """A short name for metric tags: the kind, and for a source its Hub name or its file's stem."""
+        if self.source is None:
+            return self.kind
+        source = self.source[3:] if self.source.startswith("hf:") else Path(self.source).stem
+        return f"{self.kind}:{source}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,8 +4,8 @@ An entry point (`lillm.train.pretrain`, `lillm.train.posttrain`) brings what is 
 model (built, not yet under an engine), its tokenizer, the run's identity, and how to make its objective
 once the ranks exist. The rest is the same for every task and happens here, in this order:
 
-1. the batch plan and the filled DeepSpeed JSON: every input is checked before the process group
-   exists, so bad input fails in a second on every rank;
+1. the batch plan, the filled DeepSpeed JSON and the evaluation tasks' items: every input is checked
+   before the process group exists, so bad input fails in a second on every rank;
 2. the process group;
 3. the resume plan (which checkpoint, loaded how), from which the engine's config is derived;
 4. the engine, the objective, and the checkpoint holding the run's stateful parts, restored;
@@ -23,6 +23,7 @@ from lillm.tokenizer import Tokenizer
 from lillm.train.checkpoint import Checkpoint, RunIdentity, plan_resume
 from lillm.train.config import BatchPlan, TrainConfig, plan_batches
 from lillm.train.dist import Process, launched_world_size, start_process
+from lillm.train.downstream import TaskEvaluation
 from lillm.train.ds_config import fill_ds_config, precision
 from lillm.train.engine import build_engine, optimizer_summary
 from lillm.train.loop import Objective, Progress, Trainer
@@ -50,6 +51,7 @@ def assemble(task: Task, train: TrainConfig, ds_path: str, raw_ds: dict[str, Any
     DeepSpeed JSON read from `ds_path` (the entry point reads it first, so a bad path fails first)."""
     plan = plan_batches(train, task.seq_len, launched_world_size())
     ds_cfg = fill_ds_config(raw_ds, train, plan, ds_path)
+    downstream = TaskEvaluation(train, task.tokenizer, task.model.config.max_seq_len, task.model.config.vocab_size)
     process = start_process()
     resume = plan_resume(train.resume, train.run_dir, task.identity, process.world, ds_cfg)
     for line in resume.warnings:
@@ -70,7 +72,7 @@ def assemble(task: Task, train: TrainConfig, ds_path: str, raw_ds: dict[str, Any
     if progress.step == 0 and (scalars := objective.start_scalars()):
         writer.scalars(scalars, 0)
     trainer = Trainer(engine, objective, checkpoint, train, plan, process, precision(ds_cfg), progress, writer,
-                      optimizer)
+                      optimizer, downstream)
     stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
     process.log.info(f"lillm {task.describe(trainer)}; {process.world} rank(s) on {process.device.type}, "
                      f"{trainer.precision}, ZeRO stage {stage}, {optimizer_line}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -83,6 +83,11 @@ class TrainConfig:
     """Steps between validation runs (and a text sample); 0 disables."""
     eval_batches: int = 20
     """Validation micro-batches per evaluation, in total (split across ranks; the same set at any world size)."""
+    eval_tasks: list[str] = field(default_factory=list)
+    """Tasks of `lillm eval` scored at every evaluation besides the validation loss, e.g. [bpb:pydoc,
+    pydoc-continuation, hellaswag:data/hellaswag.jsonl]; items split across ranks, results as eval/TASK/METRIC."""
+    eval_task_limit: int = 0
+    """Items per evaluation task (documents for bpb); 0: all of them."""
     sample_prompt: str = "The"
     """Prompt of the text sample generated at evaluation time."""
     sample_tokens: int = 48
@@ -112,7 +117,7 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("grad_accum", "global_batch_tokens", "seq_len", "max_steps", "max_tokens", "warmup_steps",
-                     "eval_interval", "sample_tokens", "max_bad_steps"):
+                     "eval_interval", "sample_tokens", "max_bad_steps", "eval_task_limit"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_steps == 0 and self.max_tokens == 0:

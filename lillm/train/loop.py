@@ -205,10 +205,11 @@ class Trainer:
 
     def __init__(self, engine: Any, objective: Objective, checkpoint: Checkpoint, train: TrainConfig,
                  plan: BatchPlan, process: Process, precision: str, progress: Progress, writer: MetricsWriter,
-                 optimizer: Any) -> None:
+                 optimizer: Any, downstream: Callable[[Any, Process], dict[str, float]] | None = None) -> None:
         self.engine, self.objective, self.checkpoint, self.train, self.plan = engine, objective, checkpoint, train, plan
         self.process, self.precision, self.progress, self.writer = process, precision, progress, writer
         self.optimizer = optimizer
+        self.downstream = downstream  # train.eval_tasks (lillm.train.downstream), scored with each validation
         self.cadence = Cadence.of(train, plan.max_steps, objective.has_validation)
         self.hooks = Hooks()
         self.clock: Callable[[], float] = time.perf_counter
@@ -386,11 +387,13 @@ class Trainer:
         state.window = Window(self.clock())
 
     def _evaluate(self) -> float:
-        """Validation (and a text sample on rank 0); returns the validation loss."""
+        """Validation, the evaluation tasks, and a text sample on rank 0; returns the validation loss."""
         step, log = self.progress.step, self.process.log
         self.engine.eval()
         with torch.no_grad():
             vals = self.objective.evaluate(self.engine)
+            if self.downstream:
+                vals.update(self.downstream(self.engine, self.process))
         self.engine.train()
         self.writer.scalars(vals, step)
         log.info(f"eval @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in vals.items()))
