@@ -65,9 +65,12 @@ def test_muon_resume_from_two_ranks_onto_one_then_on_one(muon_run, pretrain_shar
     assert "re-partitioning its Muon and AdamW states" in r.stdout
     ref, got = metrics(run_dir), metrics(one)
     assert sorted(got) == list(range(7, 13))
-    for s in got:  # summation order differs between 1 and 2 ranks: equal to float32 rounding
-        assert got[s] == pytest.approx(ref[s], abs=1e-5)
-    assert metrics(one, "val/bpb")[12] == pytest.approx(metrics(run_dir, "val/bpb")[12], abs=1e-5)
+    # Summation order differs between 1 and 2 ranks, and Muon orthogonalises in bf16, where a float32-rounding
+    # difference can round the other way: 1e-5 apart on AVX2 CPUs, 2e-5 seen with AMX. A lost or misplaced
+    # momentum shard moves the loss by far more.
+    for s in got:
+        assert got[s] == pytest.approx(ref[s], abs=1e-4)
+    assert metrics(one, "val/bpb")[12] == pytest.approx(metrics(run_dir, "val/bpb")[12], abs=1e-4)
 
     again = run_from_checkpoint(one, tmp_path / "again", "step_00000009")
     r = launch("launch/pretrain.py", _args(pretrain_shards, again, "--train.grad_accum", "4"), ranks=1)
