@@ -169,3 +169,4 @@ def test_bits_per_byte_of_a_prepared_split_equals_its_text(tokenizer_dir, pretra
     assert np.array_equal(a.stream, b.stream)
     assert run_task(scorer, a)["bpb"] == run_task(scorer, b)["bpb"]
     assert prepare_task(parse_task(f"bpb:{pretrain_shards}"), tok, 64, limit=2).documents == 2
+
