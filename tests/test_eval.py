@@ -61,7 +61,7 @@ def reference(chat_base):
 
 def reference_loglikelihood(reference, context: str, continuation: str, max_len: int) -> tuple[float, bool]:
     """One request, unbatched, encoded by the export's tokenizer with its special tokens (which put the
-    end-of-text token in front, as lm-eval's add_bos_token=True does)."""
+    end-of-text token in front, as lm-eval's default encoding of an export does)."""
     hf, tok = reference
     spaces = len(context) - len(context.rstrip())
     if spaces:
@@ -170,3 +170,32 @@ def test_bits_per_byte_of_a_prepared_split_equals_its_text(tokenizer_dir, pretra
     assert run_task(scorer, a)["bpb"] == run_task(scorer, b)["bpb"]
     assert prepare_task(parse_task(f"bpb:{pretrain_shards}"), tok, 64, limit=2).documents == 2
 
+
+
+def test_lm_evaluation_harness_agrees_on_the_export(chat_base, task_files, tmp_path):
+    """lm-eval's own HF model over lillm's export with its default settings, a local task YAML in PIQA's
+    layout (offline): the same request ids, per-choice log-likelihoods within 1e-4 and the same accuracies.
+    Runs where lm-eval is installed (`pip install lm-eval`); lillm does not depend on it."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks/lillm_piqa.yaml").write_text(
+        "task: lillm_piqa\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    validation: {task_files['piqa']}\noutput_type: multiple_choice\nvalidation_split: validation\n"
+        'doc_to_text: "Question: {{goal}}\\nAnswer:"\ndoc_to_target: label\ndoc_to_choice: "{{[sol1, sol2]}}"\n'
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={chat_base},dtype=float32",
+                                  tasks=["lillm_piqa"], task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+                                  log_samples=True, batch_size=4, device="cpu")
+    samples = sorted(out["samples"]["lillm_piqa"], key=lambda s: s["doc_id"])
+    model, tok = load_model(chat_base)
+    prepared = prepare_task(parse_task(f"piqa:{task_files['piqa']}"), tok, model.config.max_seq_len)
+    ours = loglikelihoods(model, [r for reqs in prepared.requests for r in reqs], model.config.max_seq_len, 4,
+                          torch.device("cpu"))
+    theirs = [float(resp[0][0]) for s in samples for resp in s["resps"]]
+    assert len(theirs) == len(ours) == 12
+    assert max(abs(a[0] - b) for a, b in zip(ours, theirs)) < 1e-4
+    mine = run_task(Scorer(model, tok, model.config.max_seq_len, model.config.vocab_size), prepared)
+    assert mine["acc"] == pytest.approx(out["results"]["lillm_piqa"]["acc,none"])
+    assert mine["acc_norm"] == pytest.approx(out["results"]["lillm_piqa"]["acc_norm,none"])

@@ -9,11 +9,12 @@ log-likelihood per item.
 
 Requests are encoded as lm-evaluation-harness encodes them for a causal model: trailing spaces of the
 context move to the continuation, the continuation's tokens are those of the whole string past the
-context's, and the text starts after an end-of-text token (where lillm's documents start; lm-eval's
-`add_bos_token=True` on a lillm export gives the same ids). A request longer than the model's context keeps
-its last max_seq_len + 1 tokens and is counted as truncated.
+context's, and the text starts after an end-of-text token (where lillm's documents start). lm-eval with its
+default settings on a lillm export gives the same ids, since the export's tokenizer puts that token in front;
+its `add_bos_token=True` would put <|begin_of_text|> there instead, which lillm's pretraining never does.
+A request longer than the model's context keeps its last max_seq_len + 1 tokens and is counted as truncated.
 
-Every figure is a sum over items first (`Sums`), so ranks can each score a share of the items and add up
+Every figure is a sum over items first, so ranks can each score a share of the items and add up
 their sums: the result does not depend on the world size.
 """
 
