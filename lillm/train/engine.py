@@ -95,12 +95,12 @@ def client_optimizer(ds_cfg: dict[str, Any], groups: list[dict[str, Any]], devic
                              weight_decay=params["weight_decay"], fused=device.type in ("cuda", "cpu"))
 
 
-def engine_config(ds_cfg: dict[str, Any], load_universal: bool = False) -> dict[str, Any]:
+def engine_config(ds_cfg: dict[str, Any], client_optimizer: bool, load_universal: bool = False) -> dict[str, Any]:
     """What `deepspeed.initialize` is given, derived from the filled config (which is left as it is): without
-    the optimizer section where lillm builds the optimizer (DeepSpeed takes one or the other), and set to
+    the optimizer section where lillm passes its own optimizer (DeepSpeed takes one or the other), and set to
     load a universal checkpoint when the resume is one (`lillm.train.checkpoint.ResumePlan`)."""
     cfg = copy.deepcopy(ds_cfg)
-    if lillm_builds_optimizer(ds_cfg):
+    if client_optimizer:
         del cfg["optimizer"]
     if load_universal:
         cfg["checkpoint"] = {**cfg.get("checkpoint", {}), "load_universal": True}
@@ -109,14 +109,15 @@ def engine_config(ds_cfg: dict[str, Any], load_universal: bool = False) -> dict[
 
 def initialize_engine(model: nn.Module, ds_cfg: dict[str, Any], groups: list[dict[str, Any]], device: torch.device,
                       ds_path: str, load_universal: bool = False) -> tuple[Any, Any]:
-    """`deepspeed.initialize` with lillm's optimizer; DeepSpeed's own validation errors become UserErrors."""
+    """`deepspeed.initialize` with lillm's optimizer where it builds one (`lillm_builds_optimizer`), else
+    DeepSpeed's from the JSON; DeepSpeed's own validation errors become UserErrors."""
     import deepspeed
 
     optimizer = client_optimizer(ds_cfg, groups, device) if lillm_builds_optimizer(ds_cfg) else None
     try:
         engine, optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, model_parameters=None if optimizer else groups,
-            config=engine_config(ds_cfg, load_universal))
+            config=engine_config(ds_cfg, optimizer is not None, load_universal))
     except (ValueError, TypeError, AssertionError) as e:  # pydantic validation of the JSON, bad combinations
         raise UserError(f"DeepSpeed rejected {ds_path}: {e}") from None
     return engine, optimizer
