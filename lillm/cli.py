@@ -1,5 +1,6 @@
-"""The `lillm` command. Each subcommand is a typed function; jsonargparse turns signature and docstring
-into options and help text, and gives every subcommand `--config file.yaml` and `--print_config`."""
+"""The `lillm` command. Most subcommands are typed functions: jsonargparse turns signature and docstring into
+options and help text, and gives each `--config file.yaml` and `--print_config`. pretrain, sft and dpo are
+the training entry points' own parsers, registered as subcommands (`build_parser`)."""
 
 from __future__ import annotations
 
@@ -351,56 +352,90 @@ def evaluate(
         print("wrote " + " and ".join(str(p) for p in write_report(results, out, about)))
 
 
-def pretrain() -> None:
-    """Pretrain with DeepSpeed (ZeRO-2): the options of launch/pretrain.py; `lillm pretrain --help` lists them.
-
-    One process here; several with `deepspeed --num_gpus N --module lillm.train.pretrain ...`. Shipped
-    configs go by name: `lillm pretrain --config debug --ds_config zero2_cpu`.
-    """
-
-
-def sft() -> None:
-    """Supervised fine-tuning: the options of launch/sft.py (`lillm sft --help`), e.g. `--config sft-debug`."""
-
-
-def dpo() -> None:
-    """Direct preference optimisation: the options of launch/dpo.py (`lillm dpo --help`)."""
-
-
-TRAINING = {"pretrain": pretrain, "sft": sft, "dpo": dpo}
 COMMANDS = {"generate": generate, "chat": chat, "train-tokenizer": train_tokenizer, "prepare": prepare,
-            "shards": shards, "export": export, "checkpoint": checkpoint, "eval": evaluate, **TRAINING}
+            "shards": shards, "export": export, "checkpoint": checkpoint, "eval": evaluate}
+TRAINING = ("pretrain", "sft", "dpo")
+"""Subcommands whose parsers are the training entry points' own (`lillm.train.pretrain.build_parser`,
+`lillm.train.posttrain.build_parser`): the same options as launch/pretrain.py, sft.py and dpo.py."""
+
+
+def build_parser():
+    """`lillm`'s parser: a subcommand per function in COMMANDS (options from its signature, help from its
+    docstring, and `--config file.yaml` / `--print_config`) and the training parsers as pretrain, sft, dpo."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="lillm", description="lillm: train and use small Llama-3-style models.",
+                            exit_on_error=False)
+    subcommands = parser.add_subcommands(required=True)
+    for name, function in COMMANDS.items():
+        summary = function.__doc__.strip().splitlines()[0]
+        sub = ArgumentParser(description=summary, exit_on_error=False)
+        sub.add_argument("--config", action=ActionConfigFile, help="Path to a configuration file.")
+        sub.add_function_arguments(function, as_group=False, as_positional=True, fail_untyped=True,
+                                   sub_configs=True)
+        subcommands.add_subcommand(name, sub, help=summary)
+    for name in TRAINING:
+        sub = training_parser(name)
+        subcommands.add_subcommand(name, sub, help=sub.description)
+    return parser
+
+
+def training_parser(name: str):
+    from lillm.train import posttrain, pretrain
+
+    return pretrain.build_parser() if name == "pretrain" else posttrain.build_parser(name)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the `lillm` console script."""
+    """Entry point of the `lillm` console script: parse, then run the subcommand through
+    `lillm.errors.run_command` (training ones tear their process group down on the way out)."""
     import os
 
     if not os.path.exists("/proc/driver/nvidia/version"):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no NVIDIA driver: spare DeepSpeed's detection warning
+    from lillm.train.dist import run_training
+
     args = sys.argv[1:] if argv is None else list(argv)
-    if args and args[0] in TRAINING:
-        # The training scripts' own parsers (model/data/train/lora/dpo sections); the functions above only
-        # give these commands their line in `lillm --help`.
-        from lillm.train import posttrain, pretrain
-
-        if args[0] == "pretrain":
-            pretrain.main(args[1:])  # both mains exit with the run's status
-        else:
-            posttrain.main(args[0], args[1:])
-    run_command("lillm", lambda: _dispatch(argv, args))
+    command = args[0] if args and (args[0] in COMMANDS or args[0] in TRAINING) else None
+    if command in TRAINING:
+        run_training("lillm " + command, lambda: _run_training(command, args))
+    run_command("lillm", lambda: _run(args, command))
 
 
-def _dispatch(argv: list[str] | None, args: list[str]) -> None:
-    """jsonargparse's CLI over COMMANDS; a parse error becomes one line and where to look, not the whole usage."""
-    from jsonargparse import CLI, ArgumentError
+def _parse(parser, args: list[str], command: str | None):
+    """Parse `args`; a parse error becomes one line and where to look, not the whole usage."""
+    from jsonargparse import ArgumentError
+
+    from lillm.train.config import resolve_shipped
 
     try:
-        CLI(COMMANDS, args=argv, prog="lillm", description="lillm: train and use small Llama-3-style models.",
-            exit_on_error=False)
+        return parser.parse_args(resolve_shipped(args) if command in TRAINING else args)
     except ArgumentError as e:
-        command = next((a for a in args if a in COMMANDS), None)
         raise UserError(f"{' '.join(str(e).split())} (see lillm {command + ' ' if command else ''}--help)") from None
+
+
+def _run(args: list[str], command: str | None) -> None:
+    parser = build_parser()
+    ns = _parse(parser, args, command)
+    init = parser.instantiate_classes(ns)
+    name = init.subcommand
+    kwargs = {k: v for k, v in init[name].items() if k != "config"}
+    COMMANDS[name](**kwargs)
+
+
+def _run_training(command: str, args: list[str]) -> None:
+    """Parse with the whole `lillm` parser (so `lillm --help` and errors agree), then build and fit the run from
+    the training parser's part of the namespace, as the entry point's own main does."""
+    from lillm.train import posttrain, pretrain
+    from lillm.train.config import instantiate
+
+    parser = build_parser()
+    ns = _parse(parser, args, command)
+    parsed = instantiate(training_parser(command), ns[command])
+    if command == "pretrain":
+        pretrain.build(*pretrain.run_config(*parsed)).fit()
+    else:
+        posttrain.build(*posttrain.run_config(command, *parsed), command).fit()
 
 
 if __name__ == "__main__":

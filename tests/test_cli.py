@@ -1,16 +1,28 @@
+import subprocess
+import sys
+
 from lillm.hf import export_hf
 from lillm.tokenizer import load_tokenizer
 
-from .conftest import run_cli, tiny_model
+from .conftest import REPO, run_cli, tiny_model
 
 
 def test_help_lists_subcommands_with_text():
+    """Every subcommand has its line in `lillm --help`; the training ones are the training scripts' own parsers
+    (the same options and help as launch/pretrain.py), so `lillm pretrain --print_config` is its YAML."""
     r = run_cli("--help")
     assert r.returncode == 0
-    for cmd in ("generate", "train-tokenizer", "prepare", "export", "checkpoint"):
+    for cmd in ("generate", "train-tokenizer", "prepare", "export", "checkpoint", "eval"):
         assert cmd in r.stdout
+    assert "Pretrain a lillm model with DeepSpeed" in r.stdout and "Direct preference optimisation" in r.stdout
     r = run_cli("generate", "--help")
     assert r.returncode == 0 and "Softmax temperature" in r.stdout and "--print_config" in r.stdout
+    r = run_cli("pretrain", "--help")
+    script = subprocess.run([sys.executable, "launch/pretrain.py", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0 and "--train.muon_lr" in r.stdout
+    assert r.stdout.split("\n", 1)[1].split("options:")[1] == script.stdout.split("options:")[1]
+    r = run_cli("sft", "--config", "sft-debug", "--train.lr", "1e-4", "--print_config")
+    assert r.returncode == 0 and "init_from: runs/debug" in r.stdout and "lr: 0.0001" in r.stdout, r.stderr
 
 
 def test_generate_from_exported_directory(tmp_path, tokenizer_dir):
@@ -43,7 +55,7 @@ def test_chat_set_refuses_non_finite_and_keeps_the_conversation(tokenizer_dir):
 
 def test_parse_errors_are_one_line_with_a_hint():
     for args, hint in ((["generate"], "see lillm generate --help"),
-                       (["pretrain", "--config", "debug", "--train.lr", "abc"], "see pretrain.py --help"),
+                       (["pretrain", "--config", "debug", "--train.lr", "abc"], "see lillm pretrain --help"),
                        (["nosuch"], "see lillm --help")):
         r = run_cli(*args)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and hint in r.stderr, r.stderr

@@ -243,9 +243,15 @@ def parse(parser, argv: list[str] | None) -> tuple:
 
     try:
         ns = parser.parse_args(resolve_shipped(sys.argv[1:] if argv is None else argv))
-        yaml = parser.dump(ns, skip_none=False)
-        return ns, yaml, parser.instantiate_classes(ns)
     except ArgumentError as e:  # a parse error: one line, not the whole usage
         raise UserError(" ".join(str(e).split()) + f" (see {parser.prog} --help)") from None
+    return instantiate(parser, ns)
+
+
+def instantiate(parser, ns) -> tuple:
+    """(namespace, its YAML rendering, instantiated dataclasses) of a parsed namespace; a dataclass that refuses
+    its values (`__post_init__`) becomes a UserError."""
+    try:
+        return ns, parser.dump(ns, skip_none=False), parser.instantiate_classes(ns)
     except ValueError as e:
         raise UserError(str(e)) from None

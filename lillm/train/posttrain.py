@@ -92,7 +92,12 @@ def build_parser(objective: TaskName):
 
 
 def parse_config(objective: TaskName, argv: list[str] | None = None) -> tuple[PostTrainConfig, str]:
-    ns, yaml, init = parse(build_parser(objective), argv)
+    """Parse command line and YAML into a PostTrainConfig; returns it with its YAML rendering."""
+    return run_config(objective, *parse(build_parser(objective), argv))
+
+
+def run_config(objective: TaskName, ns: Any, yaml: str, init: Any) -> tuple[PostTrainConfig, str]:
+    """The PostTrainConfig of a parse of `build_parser(objective)`, with its YAML rendering."""
     cfg = PostTrainConfig(init_from=ns.init_from, data=init.data, train=init.train, lora=init.lora,
                           dpo=init.dpo if objective == "dpo" else None, ds_config=resolve_ds_config(ns.ds_config))
     return cfg, yaml

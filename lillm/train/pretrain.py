@@ -53,7 +53,11 @@ def build_parser():
 
 def parse_config(argv: list[str] | None = None) -> tuple[RunConfig, str]:
     """Parse command line and YAML into a RunConfig; returns it with its YAML rendering."""
-    ns, yaml, init = parse(build_parser(), argv)
+    return run_config(*parse(build_parser(), argv))
+
+
+def run_config(ns: Any, yaml: str, init: Any) -> tuple[RunConfig, str]:
+    """The RunConfig of a parse of `build_parser()` (`lillm.train.config.parse` or `instantiate`), with its YAML."""
     ds_config = resolve_ds_config(ns.ds_config)
     return RunConfig(model=init.model, data=init.data, train=init.train, ds_config=ds_config), yaml
 
