@@ -343,3 +343,26 @@ def test_a_stale_deepspeed_build_lock_does_not_wedge_a_launch(data, tmp_path):
                        text=True, timeout=240, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "removed a stale DeepSpeed build lock" in r.stderr and not lock.exists()
+
+
+def test_the_cpu_op_is_not_rebuilt_when_path_changes(tmp_path):
+    """torch builds DeepSpeed's CPU op with `ninja` from PATH, and two ninja versions rebuild each other's
+    work from scratch: setup (plain PATH, the system's ninja) and a launch with the venv activated used to
+    take turns rebuilding it for two minutes. lillm builds with the venv's ninja whatever PATH says."""
+    from lillm.train.ops import CPU_OP, build_ops
+
+    built = Path(sys.prefix) / "torch_extensions"
+    if not (built / CPU_OP / f"{CPU_OP}.so").is_file():
+        build_ops()
+    ext = tmp_path / "ext"
+    shutil.copytree(built, ext)
+    so = ext / CPU_OP / f"{CPU_OP}.so"
+    system = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p) != Path(sys.executable).parent)
+    venv_first = str(Path(sys.executable).parent) + os.pathsep + system
+    stamps = []
+    for path in (system, venv_first, system):
+        r = subprocess.run([sys.executable, "-m", "lillm.train.ops", "--build-ops"], cwd=REPO, capture_output=True,
+                           text=True, timeout=400, env={**ENV, "TORCH_EXTENSIONS_DIR": str(ext), "PATH": path})
+        assert r.returncode == 0, r.stderr[-2000:]
+        stamps.append((so.stat().st_mtime_ns, (ext / CPU_OP / ".ninja_log").read_text()))
+    assert stamps[0] == stamps[1] == stamps[2], "the op was rebuilt when PATH changed"
