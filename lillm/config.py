@@ -27,8 +27,9 @@ def nonfinite_fields(cfg: Any) -> list[str]:
 class ModelConfig:
     """Shape of a Llama-3-style decoder. Defaults are the reference `lil-39m` model."""
 
-    vocab_size: int = 8192
-    """Number of token ids the embedding table holds (at least the tokenizer's vocabulary)."""
+    vocab_size: int | None = 8192
+    """Number of token ids the embedding table holds (at least the tokenizer's vocabulary). Pretraining
+    leaves it unset (null) by default and takes the vocabulary of its data's tokenizer."""
     d_model: int = 512
     """Width of the residual stream."""
     n_layers: int = 12
@@ -60,6 +61,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         problems = nonfinite_fields(self)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len", "max_batch_size"):
+            if name == "vocab_size" and self.vocab_size is None:
+                continue  # to be filled from the data (pretraining); a model cannot be built until it is
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.multiple_of <= 0:

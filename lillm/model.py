@@ -220,6 +220,8 @@ class LilLM(nn.Module):
         """`config` is the shape (what checkpoints record); the other two are how this instance computes, which
         changes no result: memory (activation checkpointing) and the kernel for packed rows."""
         super().__init__()
+        if config.vocab_size is None:
+            raise ValueError("ModelConfig.vocab_size is unset: set it, or let pretraining take the data's")
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(Block(i, config) for i in range(config.n_layers))

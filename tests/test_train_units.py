@@ -98,7 +98,10 @@ def test_every_shipped_posttraining_yaml_parses(path):
 @pytest.mark.parametrize("path", PRETRAIN_CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_yaml_parses(path):
     cfg, yaml = parse_config(["--config", str(path)])
-    assert cfg.model.num_params() > 0 and "train:" in yaml
+    assert "train:" in yaml
+    if cfg.model.vocab_size is None:  # the data's vocabulary (debug.yaml): the quickstart's 4096-token tokenizer
+        cfg.model = dataclasses.replace(cfg.model, vocab_size=4096)
+    assert cfg.model.num_params() > 0
     if path.name == "lil-39m-2xa100.yaml":
         assert cfg.model.num_params() == 39_596_544
         plan = plan_batches(cfg.train, cfg.model.max_seq_len, 2)
@@ -277,3 +280,22 @@ def test_a_checkpoint_of_another_optimizer_is_refused():
     muon = dataclasses.replace(IDENTITY, train_config={"optimizer": "muon"})
     assert "trained with optimizer adamw, this run uses muon" in muon.refusal(saved, 1)
     assert dataclasses.replace(IDENTITY, train_config={"optimizer": "adamw"}).refusal(saved, 1) is None
+
+
+def test_the_model_takes_the_data_vocabulary_unless_set(pretrain_shards):
+    """debug.yaml leaves model.vocab_size unset: the model gets the data's tokenizer vocabulary (so any
+    tokenizer trains without a flag); a set value that cannot hold the tokenizer's ids is refused with the fix."""
+    from lillm.errors import UserError
+    from lillm.tokenizer import load_tokenizer
+    from lillm.train import pretrain
+
+    vocab = load_tokenizer(pretrain_shards / "tokenizer").vocab_size
+    common = ["--config", "debug", "--data.dir", str(pretrain_shards)]
+    cfg, yaml = parse_config(common)
+    assert cfg.model.vocab_size is None and "vocab_size: null" in yaml
+    assert pretrain.task(cfg).model.config.vocab_size == vocab
+    cfg, _ = parse_config([*common, "--model.vocab_size", str(vocab + 64)])  # a padded table is the user's call
+    assert pretrain.task(cfg).model.config.vocab_size == vocab + 64
+    cfg, _ = parse_config([*common, "--model.vocab_size", str(vocab // 2)])
+    with pytest.raises(UserError, match=f"drop --model.vocab_size .* or set it to {vocab}"):
+        pretrain.task(cfg)

@@ -72,11 +72,22 @@ def local_device(local_rank: int) -> torch.device:
 
     accel = get_accelerator()
     if accel.device_name() == "cpu":
+        share_cpu_threads()
         return torch.device("cpu")
     device = torch.device(accel.device_name(local_rank))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
+
+
+def share_cpu_threads() -> None:
+    """CPU ranks split this machine's cores between them, unless OMP_NUM_THREADS says otherwise: torch gives
+    each process every core, so N ranks on one machine would otherwise run N x cores threads."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    ranks_here = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)  # deepspeed; torchrun
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // ranks_here))
 
 
 class StopFlag:

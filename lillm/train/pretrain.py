@@ -45,7 +45,9 @@ class RunConfig:
 def build_parser():
     parser = new_parser("pretrain.py", "Pretrain a lillm model with DeepSpeed (ZeRO-2).",
                         "YAML file with model/data/train sections.")
-    parser.add_class_arguments(ModelConfig, "model", help="Model shape (defaults: the lil-39m reference model).")
+    parser.add_class_arguments(ModelConfig, "model", help="Model shape (defaults: the lil-39m reference model, "
+                               "with the vocabulary of the data's tokenizer).")
+    parser.set_defaults({"model.vocab_size": None})
     parser.add_class_arguments(DataConfig, "data", help="Token shards.")
     parser.add_class_arguments(TrainConfig, "train", help="Training.")
     return parser
@@ -108,17 +110,27 @@ class LanguageModeling(Objective):
         return f"TensorBoard: tensorboard --logdir {Path(self.train.run_dir) / 'tensorboard'}"
 
 
+def model_for_data(model_cfg: ModelConfig, data_vocab: int, data_dir: str) -> ModelConfig:
+    """The model shape with the data's vocabulary where model.vocab_size is unset; a set one must hold every
+    id of the data's tokenizer (a larger one only pads the embedding table)."""
+    if model_cfg.vocab_size is None:
+        return dataclasses.replace(model_cfg, vocab_size=data_vocab)
+    if data_vocab > model_cfg.vocab_size:
+        raise UserError(f"the tokenizer of {data_dir} has {data_vocab} tokens but model.vocab_size is "
+                        f"{model_cfg.vocab_size}: drop --model.vocab_size (and the config's model.vocab_size) to "
+                        f"use the data's, or set it to {data_vocab}")
+    return model_cfg
+
+
 def task(cfg: RunConfig) -> Task:
     """Pretraining's part of the run: the token shards (checked before the process group exists), a freshly
     initialised model, and its objective."""
-    train, model_cfg = cfg.train, cfg.model
+    train = cfg.train
     read_manifest(cfg.data.dir)  # a directory that is not prepared data says so before its tokenizer is missed
     tokenizer = load_tokenizer(Path(cfg.data.dir) / "tokenizer")
     shards = ShardSet(cfg.data.dir, "train", check_checksums=cfg.data.verify, tokenizer=tokenizer)
     val_shards = ShardSet(cfg.data.dir, "val")
-    if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
-                        f"{model_cfg.vocab_size}")
+    model_cfg = model_for_data(cfg.model, tokenizer.vocab_size, cfg.data.dir)
     seq_len = resolve_seq_len(train, model_cfg.max_seq_len, "model.max_seq_len")
     torch.manual_seed(train.seed)
     model = LilLM(model_cfg, activation_checkpointing=train.activation_checkpointing)
