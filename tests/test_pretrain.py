@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -169,6 +170,14 @@ def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: fl
     raise AssertionError("timed out waiting for training")
 
 
+def _wait_for(condition, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.5)
+
+
 def _rank_pids(run_dir: Path, with_workers: bool = False) -> list[int]:
     """The training ranks of a run (children of the launcher), optionally with their DataLoader workers."""
     import psutil
@@ -183,7 +192,7 @@ def _rank_pids(run_dir: Path, with_workers: bool = False) -> list[int]:
     return pids
 
 
-def test_sigterm_to_the_deepspeed_command_saves_then_kill9_and_resume(data, tmp_path):
+def test_sigterm_and_ctrl_c_through_a_pipe_save_then_kill9_and_resume(data, tmp_path):
     run_dir = tmp_path / "preempt"
     cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(29600 + os.getpid() % 1000),
            *_args(data, run_dir, 400, "--train.ckpt_interval", "1000")]
@@ -200,7 +209,20 @@ def test_sigterm_to_the_deepspeed_command_saves_then_kill9_and_resume(data, tmp_
     saved = int((run_dir / "checkpoints/latest").read_text().removeprefix("step_"))
     assert saved >= 3 and max(losses(run_dir)) == saved
 
-    # kill -9 while training (no chance to save), then resume from the SIGTERM checkpoint.
+    # Ctrl-C with the output going through `| tee`: the terminal's SIGINT reaches every process of the
+    # foreground job, tee included, so the ranks go on writing into a closed pipe while they save.
+    log = tmp_path / "tee.log"
+    piped = subprocess.Popen(["bash", "-c", f"{shlex.join(cmd)} 2>&1 | tee {log} >/dev/null"], cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
+    _wait_for_step(run_dir, saved + 3, piped)
+    os.killpg(piped.pid, signal.SIGINT)
+    piped.wait(timeout=120)
+    _wait_for(lambda: not _rank_pids(run_dir, with_workers=True), 120)
+    interrupted = int((run_dir / "checkpoints/latest").read_text().removeprefix("step_"))
+    assert interrupted >= saved + 3 and max(losses(run_dir)) == interrupted, log.read_text()[-3000:]
+    saved = interrupted
+
+    # kill -9 while training (no chance to save), then resume from the Ctrl-C checkpoint.
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
                             start_new_session=True)
     _wait_for_step(run_dir, saved + 3, proc)

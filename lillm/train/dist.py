@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 from typing import Any
 
 import torch
@@ -152,5 +153,51 @@ def to_device(values: list[float], device: torch.device) -> torch.Tensor:
 
 
 def run_training(name: str, body: Any) -> None:
-    """Run a training entry point through `lillm.errors.run_command`; the process group is torn down either way."""
+    """Run a training entry point through `lillm.errors.run_command`, its output unable to stop it
+    (`ReaderlessStream`); the process group is torn down either way."""
+    sys.stdout, sys.stderr = ReaderlessStream.wrap(sys.stdout), ReaderlessStream.wrap(sys.stderr)
     run_command(name, body, cleanup=lambda: dist.destroy_process_group() if dist.is_initialized() else None)
+
+
+class ReaderlessStream:
+    """A text stream whose writes never raise once its reader is gone: when output goes through a pipe and
+    the reader exits (`| head`, or `| tee` killed by the same Ctrl-C that asks the run to stop), a write raises
+    BrokenPipeError, which would end a rank mid-save. From then on output is dropped and the run goes on, so a
+    stop still saves its checkpoint."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.broken = False
+
+    @classmethod
+    def wrap(cls, stream: Any) -> Any:
+        return stream if stream is None or isinstance(stream, cls) else cls(stream)
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return self._stream.write(text)
+            except (BrokenPipeError, ConnectionResetError, ValueError):  # ValueError: written after close
+                self._break()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self._stream.flush()
+            except (BrokenPipeError, ConnectionResetError, ValueError):
+                self._break()
+
+    def _break(self) -> None:
+        """Drop output from now on; the descriptor goes to /dev/null, so that Python's own flush of what the
+        stream still buffers at exit succeeds too (a failed one turns exit status 0 into 120)."""
+        self.broken = True
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self._stream.fileno())
+            os.close(null)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def __getattr__(self, name: str) -> Any:  # isatty, fileno, encoding ... of the stream underneath
+        return getattr(self._stream, name)
