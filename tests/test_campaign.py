@@ -50,6 +50,8 @@ def ws(tmp_path_factory, process_group, tokenizer_dir, pretrain_shards, chat_bas
     assert pretrain.build(cfg, yaml).fit() == 0
     assert cli_exit(["export", str(root / "run"), str(root / "export")]) == 0
     (root / "a_file").write_text("keep me\n")
+    (root / "ds_conflict.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 16,
+                                                       "zero_optimization": {"stage": 2}}))
     (root / "empty.txt").write_text("")
     train_tokenizer([t.upper() for t in small_texts], vocab_size=1024, progress=False).save(root / "other_tok")
 
@@ -198,6 +200,9 @@ def rows(w: Path) -> list[tuple[list[str], str]]:
         (["pretrain", *tr, "--train.micro_batch_size", "0"], "micro_batch_size must be positive"),
         (["pretrain", *tr, "--train.bogus", "1"], "see lillm pretrain --help"),
         (["pretrain", "--config", f"{w}/nope.yaml"], "File does not exist"),
+        (["pretrain", *tr, "--train.global_batch_tokens", "1000"], "not a multiple"),
+        (["pretrain", *tr, "--ds_config", f"{w}/ds_conflict.json"], "conflicts with the training config"),
+        (["pretrain", *tr, "--train.run_dir", f"{w}/run", "--model.n_layers", "2"], "another model config"),
         # sft and dpo
         ([*sft, "--data.source", f"{w}/sft.jsonl", "--train.lr", ".inf"], "lr must be a finite number, got inf"),
         ([*sft, "--data.source", f"{w}/nope.jsonl"], "no such file"),
@@ -268,7 +273,7 @@ def test_bad_input_is_refused_in_one_line_and_changes_nothing(row, ws, pristine,
 
 
 def test_the_campaign_has_its_rows_and_covers_every_command():
-    assert len(ROWS) >= 85
+    assert len(ROWS) >= 88
     covered = {argv[0] for argv, _ in ROWS}
     assert covered == {*cli.COMMANDS, *cli.TRAINING}, {*cli.COMMANDS, *cli.TRAINING} - covered
 

@@ -249,29 +249,6 @@ def test_sigterm_and_ctrl_c_through_a_pipe_save_then_kill9_and_resume(data, tmp_
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, saved + 5))
 
 
-def test_bad_inputs_exit_cleanly(data, full_run, tmp_path):
-    run_dir, _ = full_run
-    cases = [
-        (["--data.dir", str(tmp_path / "nodata")], "no manifest.json"),
-        (["--train.global_batch_tokens", "1000"], "not a multiple"),
-        (["--ds_config", str(tmp_path / "missing.json")], "no such file"),
-    ]
-    bad_ds = tmp_path / "bad.json"
-    bad_ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 2}}))
-    cases.append((["--ds_config", str(bad_ds)], "conflicts with the training config"))
-    for extra, msg in cases:
-        r = subprocess.run([sys.executable, *_args(data, tmp_path / "bad", 2), *extra], cwd=REPO, capture_output=True,
-                           text=True, timeout=300, env=ENV)
-        assert r.returncode == 2, (extra, r.stderr[-2000:])
-        assert msg in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
-    # Resume with another model config: refused before anything is loaded or written.
-    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    r = subprocess.run([sys.executable, *_args(data, run_dir, 14), "--model.n_layers", "2"], cwd=REPO,
-                       capture_output=True, text=True, timeout=300, env=ENV)
-    assert r.returncode == 2 and "another model config" in r.stderr, r.stderr[-2000:]
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
-
-
 def test_slurm_job_on_two_fake_nodes_saves_at_the_time_limit_requeues_and_resumes(full_run, data, tmp_path):
     """launch/slurm_pretrain.sbatch in a fake SLURM allocation (stub scontrol and srun on PATH, SLURM_* set):
     two "nodes" (localhost and 127.0.0.1) x 1 CPU rank through DeepSpeed's --no_ssh path. The time-limit
