@@ -20,6 +20,7 @@ if command -v nvidia-smi >/dev/null 2>&1 && NGPU=$(nvidia-smi -L 2>/dev/null | g
 else
   NGPU=2
   DS=ds_configs/zero2_cpu.json  # bf16 matmuls are slow on most CPUs: fp32 here
+  export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}  # DeepSpeed's launcher would say it found no GPU, in each process
 fi
 deepspeed --num_gpus "$NGPU" launch/pretrain.py --ds_config "$DS" --config launch/configs/debug.yaml \
   --data.dir "$DATA" --train.run_dir "$RUN" "$@"

@@ -4,6 +4,7 @@ the training entry points' own parsers, registered as subcommands (`build_parser
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Literal
@@ -155,6 +156,8 @@ def train_tokenizer(
         split: Split for hf: sources and saved datasets.
         errors: Undecodable bytes: 'replace' and count, or 'strict' to stop.
     """
+    from tqdm import tqdm
+
     from lillm.data.sources import iter_texts, open_source
     from lillm.tokenizer import train_tokenizer as train
 
@@ -162,21 +165,41 @@ def train_tokenizer(
         raise UserError(f"sample_every must be >= 1, got {sample_every}")
     if min_frequency < 1:
         raise UserError(f"min_frequency must be >= 1, got {min_frequency}")
+    if os.path.exists(out) and not os.path.isdir(out):  # refused before minutes of reading, not after
+        raise UserError(f"{out}: exists and is not a directory (out names the tokenizer's folder)")
     src = open_source(source, text_field=text_field, hf_config=hf_config, split=split, errors=errors)
-    texts = iter_texts(src, limit=max_documents, every=sample_every)
-    tok = train(_nonempty(texts, source), vocab_size=vocab_size, min_frequency=min_frequency)
+    texts = tqdm(iter_texts(src, limit=max_documents, every=sample_every), desc="train-tokenizer: reading",
+                 unit=" docs", total=max_documents, file=sys.stderr, mininterval=1.0, disable=None)
+    counted = _Counted(texts, source)
+    tok = train(counted, vocab_size=vocab_size, min_frequency=min_frequency, progress=False)
+    texts.close()
     tok.save(out)
+    n, read = counted.n, src.stats["documents"]
     print(f"saved a {tok.vocab_size}-token tokenizer to {out} (fingerprint {tok.fingerprint[:12]}, "
-          f"{src.stats['documents']} documents read)")
+          f"{n:,} documents" + (f" of {read:,} read" if read != n else "") + f"{_skipped(src.stats)})")
 
 
-def _nonempty(texts, source: str):
-    n = 0
-    for t in texts:
-        n += 1
-        yield t
-    if n == 0:
-        raise UserError(f"source {source!r} holds no documents")
+def _skipped(stats: dict[str, int]) -> str:
+    """What a source left out or changed, for a command's last line ("" when nothing)."""
+    notes = [f"{stats['empty_files']} empty file(s) skipped" if stats.get("empty_files") else "",
+             f"{stats['replaced_documents']} document(s) with undecodable bytes replaced"
+             if stats.get("replaced_documents") else ""]
+    return "".join(f"; {n}" for n in notes if n)
+
+
+class _Counted:
+    """The documents a tokenizer trains on, counted (a bar on a terminal counts too, but only there); none at
+    all is refused naming the source."""
+
+    def __init__(self, texts, source: str) -> None:
+        self.texts, self.source, self.n = texts, source, 0
+
+    def __iter__(self):
+        for t in self.texts:
+            self.n += 1
+            yield t
+        if self.n == 0:
+            raise UserError(f"source {self.source!r} holds no documents")
 
 
 def prepare(
@@ -389,11 +412,10 @@ def training_parser(name: str):
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `lillm` console script: parse, then run the subcommand through
     `lillm.errors.run_command` (training ones tear their process group down on the way out)."""
-    import os
-
-    if not os.path.exists("/proc/driver/nvidia/version"):
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no NVIDIA driver: spare DeepSpeed's detection warning
     from lillm.train.dist import run_training
+    from lillm.train.ops import name_cpu_accelerator
+
+    name_cpu_accelerator()
 
     args = sys.argv[1:] if argv is None else list(argv)
     command = args[0] if args and (args[0] in COMMANDS or args[0] in TRAINING) else None

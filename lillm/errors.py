@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -34,5 +37,30 @@ def run_command(prog: str, body: Callable[[], int | None], cleanup: Callable[[],
 
 
 def _fail(prog: str, message: str) -> int:
+    if _later_local_rank():
+        _let_the_launcher_stop_this_rank()
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
     return 2
+
+
+# How long a later rank holds its refusal back: DeepSpeed's launcher polls its ranks every second and stops the
+# rest as soon as one exits with an error; torchrun's agent is faster.
+HOLD_BACK_S = 3.0
+
+
+def _later_local_rank() -> bool:
+    """A launched rank other than its machine's first (LOCAL_RANK > 0)."""
+    try:
+        return int(os.environ.get("LOCAL_RANK", "0")) > 0
+    except ValueError:
+        return False
+
+
+def _let_the_launcher_stop_this_rank() -> None:
+    """Every rank of a launch refuses the same bad input, and each would print the same line. A later rank
+    waits a moment first, with the default signal handlers back: once the first rank's refusal has ended it,
+    the launcher stops this one before it prints, so a refusal shows once. A refusal of this rank alone (a
+    file missing on one machine) is still printed, a few seconds later."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    time.sleep(HOLD_BACK_S)

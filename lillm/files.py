@@ -34,5 +34,16 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
     os.replace(tmp, path)
 
 
+def save_safetensors(tensors: dict[str, Any], path: str | os.PathLike) -> None:
+    """safetensors' `save_file`, the file then given the mode of any file the user writes (0666 less the
+    umask): safetensors makes its files 0600, so others on a shared machine could not read an export."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, path, metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     write_atomic(path, json.dumps(data, indent=2) + "\n")

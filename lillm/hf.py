@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lillm.config import ModelConfig
 from lillm.errors import UserError
-from lillm.files import read_json
+from lillm.files import read_json, save_safetensors
 from lillm.model import LilLM
 from lillm.tokenizer import Tokenizer, load_tokenizer
 
@@ -113,7 +113,7 @@ def export_hf(
         if name == "output.weight" and model.config.tie_embeddings:
             continue  # transformers re-ties lm_head to the embeddings
         tensors[to_hf_key(name)] = tensor.detach().to("cpu", dtype).contiguous()
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    save_safetensors(tensors, out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(hf_config(model.config, special_ids, dtype), indent=2) + "\n")
     # No max_length: transformers warns on every call that also passes max_new_tokens; the context length is
     # config.json's max_position_embeddings.

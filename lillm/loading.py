@@ -4,6 +4,7 @@ an exported transformers directory, a training run directory, or one of its chec
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +99,13 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed narrates every shard it reads
-        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    said = io.StringIO()  # DeepSpeed narrates every shard it reads, with a bar even for one file
+    try:
+        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    except BaseException:
+        sys.stderr.write(said.getvalue())
+        raise
     return {k.removeprefix("_orig_mod."): v for k, v in state.items()}
 
 

@@ -9,7 +9,8 @@ Layout under a run directory:
                                       world size; written last, by rank 0: a tag without it is incomplete
   checkpoints/step_00001000_universal/  made on demand by `ds_to_universal` for another world size
   checkpoints/latest                  the newest complete tag; replaced atomically after every rank wrote
-  tokenizer/, config.yaml, ds_config.json, metrics.jsonl, tensorboard/
+  tokenizer/, config.yaml, ds_config.json, metrics.jsonl
+  tensorboard/<name>/                 TensorBoard events, <name> the run directory's own name
 
 Both the trainer (which writes checkpoints) and inference loading (which reads them) build on this module;
 it imports nothing of lillm's but errors and files.
@@ -34,6 +35,12 @@ LATEST = "latest"
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def tensorboard_dir(run_dir: str | os.PathLike) -> Path:
+    """Where a run's TensorBoard events go: a folder named as the run, so that `tensorboard --logdir
+    RUN/tensorboard` shows the run by its name (events directly in the log dir show as ".")."""
+    return Path(run_dir) / "tensorboard" / (Path(run_dir).resolve().name or "run")
 
 
 def checkpoints_dir(run_dir: str | os.PathLike) -> Path:

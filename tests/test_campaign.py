@@ -138,7 +138,7 @@ def rows(w: Path) -> list[tuple[list[str], str]]:
         (["chat", f"{w}/chatbase", "--tokenizer", f"{w}/other_tok"], "--force_tokenizer"),
         (["chat", f"{w}/a_file"], "not a model directory"),
         # train-tokenizer
-        (["train-tokenizer", "pydoc", f"{w}/a_file", "--vocab_size", "300"], "File exists"),
+        (["train-tokenizer", "pydoc", f"{w}/a_file", "--vocab_size", "300"], "not a directory"),
         (["train-tokenizer", "pydoc", f"{w}/t1", "--min_frequency", "-3"], "min_frequency"),
         (["train-tokenizer", "pydoc", f"{w}/t2", "--vocab_size", "10"], "vocab_size"),
         (["train-tokenizer", f"{w}/nope.txt", f"{w}/t3"], "no such file"),

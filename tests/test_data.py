@@ -303,6 +303,23 @@ def test_bad_inputs(tmp_path, tokenizer_dir, prepared):
     assert read_manifest(tmp_path / "o6")["totals"]["replaced_documents"] == 1
 
 
+def test_a_folder_with_empty_files_says_how_many_it_skipped(tmp_path, small_texts, tokenizer_dir):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for i, text in enumerate(small_texts[:40]):
+        (folder / f"doc{i:02d}.txt").write_text(text)
+    (folder / "empty1.txt").write_text("")
+    (folder / "empty2.txt").write_text("")
+    r = run_cli("train-tokenizer", str(folder), str(tmp_path / "tok"), "--vocab_size", "400")
+    assert r.returncode == 0, r.stderr
+    last = r.stdout.strip().splitlines()[-1]
+    assert "40 documents" in last and "2 empty file(s) skipped" in last, r.stdout
+    assert "\n\n" not in r.stdout, r.stdout  # the tokenizers library's blank lines are gone
+    r = run_cli("prepare", str(folder), str(tokenizer_dir), str(tmp_path / "shards"), "--val_fraction", "0")
+    assert r.returncode == 0, r.stderr
+    assert "2 empty file(s) skipped" in r.stdout.strip().splitlines()[-1], r.stdout
+
+
 def test_manifest_guards(prepared, tmp_path, small_texts):
     import shutil
 

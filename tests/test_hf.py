@@ -38,6 +38,20 @@ def test_logits_equal_transformers_llama(tmp_path, preset):
     assert (ours - theirs).abs().max().item() < 1e-4
 
 
+def test_exported_files_are_readable_as_the_umask_says(tmp_path):
+    """safetensors writes 0600; an export is handed to others, so it gets the mode of any file the user
+    writes."""
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        export_hf(tiny_model(), tmp_path)
+    finally:
+        os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert set(modes.values()) == {0o644}, modes
+
+
 def test_greedy_generation_equals_transformers_generate(tmp_path):
     model = tiny_model()
     export_hf(model, tmp_path)

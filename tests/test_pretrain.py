@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from lillm.runs import tensorboard_dir
 
 from .conftest import DEEPSPEED, ENV, REPO, metrics, run_cli, run_from_checkpoint
 from .conftest import launch as launch_script
@@ -70,6 +73,21 @@ def test_end_to_end_run(full_run):
     assert "2 rank(s) on cpu, fp32, ZeRO stage 2" in r.stdout
     assert "step 12/12 | loss" in r.stdout and "tok/s" in r.stdout and "eta" in r.stdout
     assert (run_dir / "config.yaml").read_text().count("micro_batch_size: 4") == 1
+    # Quiet ranks: no DeepSpeed accelerator detection warning, op-load line or torch deprecation warning from them,
+    # and a summary to end on.
+    # The launcher's own processes print their accelerator warning before spawning the ranks; what follows the last
+    # "spawned with command" line is the ranks' output.
+    lines = r.stdout.splitlines()
+    spawned = max(i for i, line in enumerate(lines) if "spawned with command" in line)
+    ranks_said = [line for line in lines[spawned + 1:] if "launch.py" not in line and "runner.py" not in line]
+    chatter = [line for line in ranks_said if "Setting accelerator" in line or "built successfully" in line]
+    assert not chatter, chatter
+    assert "FutureWarning" not in r.stderr, r.stderr[-2000:]
+    summary = r.stdout.strip().splitlines()[-1]
+    tokens = 12 * metrics(run_dir, "train/tokens_seen")[1]
+    assert re.search(rf"done at step 12/12: 12 steps, {tokens:,} tokens in \S+ \([\d,]+ tok/s\); best val/loss "
+                     rf"[\d.]+ \(bpb [\d.]+\) at step (6|12); checkpoint {run_dir}/checkpoints/step_00000012; "
+                     "TensorBoard: tensorboard --logdir ", summary), summary
 
 
 def test_evaluation_tasks_on_two_ranks_score_as_lillm_eval_on_one(full_run, tmp_path):
@@ -90,9 +108,15 @@ def test_tensorboard_scalars_read_back(full_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir, _ = full_run
-    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    # The events are in a folder named as the run (TensorBoard shows a run by its folder, "." without one).
+    assert [p.name for p in (run_dir / "tensorboard").iterdir()] == [run_dir.name]
+    acc = EventAccumulator(str(tensorboard_dir(run_dir)), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
+    assert not any(t.startswith("hparam") for t in tags), tags  # the hparams table reads val/loss itself
+    assert set(acc.PluginTagToContent("hparams")) == {"_hparams_/experiment", "_hparams_/session_start_info",
+                                                      "_hparams_/session_end_info"}
+    assert b"val/loss" in acc.PluginTagToContent("hparams")["_hparams_/experiment"]
     for tag in ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/step_time_s",
                 "perf/data_wait_frac", "val/loss", "val/perplexity", "val/bpb"):
         assert tag in tags, tag
@@ -244,7 +268,7 @@ def test_sigterm_and_ctrl_c_through_a_pipe_save_then_kill9_and_resume(data, tmp_
     assert [row["step"] for row in rows if "train/loss" in row] == list(range(1, saved + 5))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(tensorboard_dir(run_dir)), size_guidance={"scalars": 0})
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, saved + 5))
 
@@ -301,6 +325,16 @@ def test_accelerate_launch_with_the_deepspeed_plugin_config(data, tmp_path):
     assert "2 rank(s) on cpu, fp32, ZeRO stage 2" in r.stdout and sorted(losses(run_dir)) == [1, 2]
     filled = json.loads((run_dir / "ds_config.json").read_text())
     assert "bf16" not in filled and filled["zero_optimization"]["reduce_bucket_size"] == 5_000_000  # zero2_cpu
+
+
+def test_a_refusal_through_the_launcher_is_one_line_on_stderr(data, tmp_path):
+    """Both ranks refuse the same bad value; the user reads it once (the later rank holds its line back and the
+    launcher stops it), with exit status 2."""
+    r = launch(data, tmp_path / "refused", 4, "--train.micro_batch_size", "0", timeout=120)
+    assert r.returncode == 2, (r.stdout + r.stderr)[-3000:]
+    refusal = "pretrain: error: invalid TrainConfig: micro_batch_size must be positive, got 0"
+    assert r.stderr.splitlines() == [refusal], r.stderr
+    assert not (tmp_path / "refused").exists()
 
 
 def test_a_rank_that_crashes_mid_training_ends_the_job_within_seconds(data, tmp_path):

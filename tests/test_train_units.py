@@ -299,3 +299,38 @@ def test_the_model_takes_the_data_vocabulary_unless_set(pretrain_shards):
     cfg, _ = parse_config([*common, "--model.vocab_size", str(vocab // 2)])
     with pytest.raises(UserError, match=f"drop --model.vocab_size .* or set it to {vocab}"):
         pretrain.task(cfg)
+
+
+def test_the_eta_follows_the_recent_pace_not_the_warm_up():
+    """A 100 s first interval (compile, first step) then 1 s per step: from the second log line on, the ETA is
+    the recent pace times the steps left; the pace is the last few intervals', evaluations included."""
+    from lillm.train.loop import Pace
+
+    pace = Pace(0.0, 0)
+    assert pace.eta(100.0 + 9, 10, 100) == pytest.approx(109 / 10 * 90)  # only the warm-up interval so far
+    assert pace.eta(119.0, 20, 100) == pytest.approx(80.0)
+    assert pace.eta(129.0, 30, 100) == pytest.approx(70.0)
+    assert pace.eta(159.0, 40, 100) == pytest.approx((159 - 109) / 30 * 60)  # a slow interval (an eval) counts
+    resumed = Pace(500.0, 1000)  # a resumed run's pace starts at its own first step
+    assert resumed.eta(510.0, 1010, 2000) == pytest.approx(990.0)
+
+
+def test_a_line_logged_under_the_progress_bar_starts_a_line_of_its_own():
+    """What the trainer logs while its bar is drawn (an eval, a save) clears the bar first instead of being
+    glued to its end (a terminal shows stdout and stderr on one screen: here both share one stream)."""
+    import io
+    import logging
+
+    from tqdm import tqdm
+
+    from lillm.train.metrics import BarAwareHandler
+
+    screen = io.StringIO()
+    log = logging.getLogger("lillm.test_bar")
+    log.addHandler(BarAwareHandler(screen))
+    log.propagate = False
+    with tqdm(total=10, file=screen, mininterval=0, ascii=True) as bar:
+        bar.update(3)
+        log.warning("eval @ step 3: val/loss 1.0")
+    before = screen.getvalue().split("eval @ step 3")[0]
+    assert before.endswith("\r") and "3/10" in before, repr(before)

@@ -268,6 +268,7 @@ def prepare(
         f"in {elapsed:.1f}s: {counter.bytes / elapsed / 1e6:.2f} MB/s"
         + (f"; {source.stats['replaced_documents']} document(s) had undecodable bytes replaced"
            if source.stats["replaced_documents"] else "")
+        + (f"; {source.stats['empty_files']} empty file(s) skipped" if source.stats.get("empty_files") else "")
     )
     return manifest
 

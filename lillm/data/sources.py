@@ -51,7 +51,8 @@ class TextSource:
     """Stream hf: sources instead of downloading them whole."""
     errors: Literal["replace", "strict"] = "replace"
     """Undecodable bytes: replace them (and count the document) or stop with an error."""
-    stats: dict[str, int] = field(default_factory=lambda: {"documents": 0, "replaced_documents": 0})
+    stats: dict[str, int] = field(default_factory=lambda: {"documents": 0, "replaced_documents": 0,
+                                                           "empty_files": 0})
     dataset: Any = field(default=None, repr=False)
     """An in-memory `datasets.Dataset` or `IterableDataset` to read instead of `spec` (see `dataset_source`)."""
 
@@ -104,6 +105,8 @@ class TextSource:
                 text = decode(f.read_bytes(), str(f), self.errors, self.stats)
                 if text:  # an empty file holds no document, as an empty .jsonl holds no record
                     yield text
+                else:
+                    self.stats["empty_files"] += 1
                 continue
             columns = None if f.suffix == ".json" or _is_jsonl(f) else [self.text_field]
             for where, rec in iter_file_records(f, self.split, self.errors, self.stats, columns):

@@ -52,7 +52,7 @@ def assemble(task: Task, train: TrainConfig, ds_path: str, raw_ds: dict[str, Any
     plan = plan_batches(train, task.seq_len, launched_world_size())
     ds_cfg = fill_ds_config(raw_ds, train, plan, ds_path)
     downstream = TaskEvaluation(train, task.tokenizer, task.model.config.max_seq_len, task.model.config.vocab_size)
-    process = start_process()
+    process = start_process(train.verbose)
     resume = plan_resume(train.resume, train.run_dir, task.identity, process.world, ds_cfg)
     for line in resume.warnings:
         process.log.warning(line)

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from lillm.errors import UserError
-from lillm.files import write_atomic
+from lillm.files import save_safetensors, write_atomic
 from lillm.lora import lora_state_dict
 from lillm.runs import (
     ADAPTER,
@@ -299,11 +299,9 @@ class Checkpoint:
         """Rank 0's files of a tag, written before it counts as complete: the config and a LoRA adapter."""
         write_atomic(tag_dir / "config.yaml", self.config_yaml)
         if self.identity.frozen_base:
-            from safetensors.torch import save_file
-
             state = {k: v.detach().to("cpu", torch.float32).contiguous()
                      for k, v in lora_state_dict(self.engine.module).items()}
-            save_file(state, tag_dir / ADAPTER, metadata={"format": "pt"})
+            save_safetensors(state, tag_dir / ADAPTER)
 
     def _prune(self, latest: str) -> None:
         tags = sorted(d.name for d in self.dir.iterdir() if d.is_dir() and TAG_RE.match(d.name))

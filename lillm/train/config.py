@@ -109,7 +109,10 @@ class TrainConfig:
     """Micro-batches with a NaN/inf loss (on any rank) to skip before stopping; 0 stops at the first. A skipped
     micro-batch adds no gradient on the rank that had it."""
     tensorboard: bool = True
-    """Write TensorBoard events under run_dir/tensorboard."""
+    """Write TensorBoard events under run_dir/tensorboard/<run_dir's name>."""
+    verbose: bool = False
+    """Show what the ranks' libraries say that lillm hides by default: torch.distributed's deprecation
+    warnings raised from DeepSpeed's calls, and DeepSpeed's line on loading its CPU op."""
 
     def __post_init__(self) -> None:
         problems = nonfinite_fields(self)

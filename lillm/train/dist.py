@@ -3,12 +3,15 @@ collectives the loop reads numbers with."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import logging
 import os
 import signal
 import socket
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -16,7 +19,7 @@ import torch.distributed as dist
 
 from lillm.errors import UserError, run_command
 from lillm.train.metrics import get_logger
-from lillm.train.ops import use_venv_extensions_dir
+from lillm.train.ops import name_cpu_accelerator, use_venv_extensions_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +46,9 @@ def launched_world_size() -> int:
 _LAUNCHERS: list[Any] | None = None  # DeepSpeed launcher processes above this rank, from start_process()
 
 
-def init_distributed() -> tuple[int, int, int]:
-    """Initialise the process group (also for a plain single-process `python launch/pretrain.py`)."""
+def init_distributed(verbose: bool = False) -> tuple[int, int, int]:
+    """Initialise the process group (also for a plain single-process `python launch/pretrain.py`). Unless
+    `verbose`, DeepSpeed's print on loading its CPU op is held back (and shown if joining fails)."""
     import deepspeed
 
     use_venv_extensions_dir()
@@ -53,18 +57,33 @@ def init_distributed() -> tuple[int, int, int]:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
     expected = launched_world_size()
-    deepspeed.init_distributed()
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(sys.stdout if verbose else said):
+            deepspeed.init_distributed()
+    except BaseException:
+        sys.stderr.write(said.getvalue())
+        raise
     if dist.get_world_size() != expected:
         raise UserError(f"the process group has {dist.get_world_size()} ranks but WORLD_SIZE says {expected}")
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
 
 
-def start_process() -> Process:
-    """Join the process group (or reuse the one this process already joined)."""
+def start_process(verbose: bool = False) -> Process:
+    """Join the process group (or reuse the one this process already joined); unless `verbose`, without the
+    libraries' chatter (`hide_library_chatter`)."""
     global _LAUNCHERS
     _LAUNCHERS = _launcher_ancestors()  # now, while they are all alive (StopFlag watches them)
-    rank, world, local_rank = init_distributed()
+    if not verbose:
+        hide_library_chatter()
+    rank, world, local_rank = init_distributed(verbose)
     return Process(rank, world, local_device(local_rank), get_logger(rank))
+
+
+def hide_library_chatter() -> None:
+    """Hide torch.distributed's deprecation FutureWarnings (`all_gather_into_tensor` and the like): DeepSpeed's
+    ZeRO calls those functions, not lillm, and each rank printed them on its first step."""
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
 def local_device(local_rank: int) -> torch.device:
@@ -154,7 +173,9 @@ def to_device(values: list[float], device: torch.device) -> torch.Tensor:
 
 def run_training(name: str, body: Any) -> None:
     """Run a training entry point through `lillm.errors.run_command`, its output unable to stop it
-    (`ReaderlessStream`); the process group is torn down either way."""
+    (`ReaderlessStream`); the process group is torn down either way. DeepSpeed is told it runs on the CPU
+    where it has nothing else (`name_cpu_accelerator`), before anything imports it."""
+    name_cpu_accelerator()
     sys.stdout, sys.stderr = ReaderlessStream.wrap(sys.stdout), ReaderlessStream.wrap(sys.stderr)
     run_command(name, body, cleanup=lambda: dist.destroy_process_group() if dist.is_initialized() else None)
 

@@ -10,6 +10,7 @@ place that reads them. `Cadence` decides at which steps the loop stops to log, e
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import sys
@@ -30,6 +31,7 @@ from lillm.train.metrics import MetricsWriter, detect_peak_tflops, format_durati
 from lillm.train.schedule import apply_lr
 
 AGREE_EVERY = 10
+ETA_WINDOWS = 5  # log intervals the ETA's pace is taken over
 AGREE_SECONDS = 5.0
 """Outside log, eval and checkpoint steps, the ranks agree on stopping (a signal) and on non-finite losses
 every AGREE_EVERY steps, or sooner so that about AGREE_SECONDS of training pass between agreements (from the
@@ -117,6 +119,25 @@ class Window:
     loss: Any = 0.0  # this rank's step losses: a tensor on the device, read at the log step
 
 
+class Pace:
+    """The ETA of the log line: seconds left at the pace of the last few log intervals (evaluations and saves
+    included, as they will be again). The first interval holds the warm-up (the first step, a compile), so it
+    counts only until there is another."""
+
+    def __init__(self, t0: float, step0: int) -> None:
+        self._marks: collections.deque[tuple[float, int]] = collections.deque([(t0, step0)], maxlen=ETA_WINDOWS)
+        self._warm_up = True
+
+    def eta(self, now: float, step: int, max_steps: int) -> float:
+        """Seconds left at a log line at `step`; the line is remembered as a mark of the pace."""
+        t0, s0 = self._marks[0]
+        if self._warm_up:
+            self._marks.clear()
+            self._warm_up = False
+        self._marks.append((now, step))
+        return (now - t0) / (step - s0) * (max_steps - step) if step > s0 else 0.0
+
+
 @dataclasses.dataclass
 class StepRecord:
     """An optimizer step not yet agreed on: what a diagnosis needs, and its losses on the device."""
@@ -195,7 +216,13 @@ class LoopState:
     """Optimizer steps queued on the device and not yet agreed on."""
     bad_steps: int = 0
     """Micro-batches with a non-finite loss skipped so far."""
-    last_val: float = math.nan
+    start_tokens: int = 0
+    """Tokens seen when this session started (a resumed run's count from before is not this session's)."""
+    best_val: dict[str, float] = dataclasses.field(default_factory=dict)
+    """The evaluation with the lowest val/loss so far, with its "step"."""
+    last_saved: str | None = None
+    """The checkpoint this session saved last."""
+    pace: Pace | None = None
 
 
 class Trainer:
@@ -226,7 +253,8 @@ class Trainer:
         train, plan, progress, log = self.train, self.plan, self.progress, self.process.log
         now = self.clock()
         # The first step measures the step time, so the first agreement follows it.
-        state = self._state = LoopState(progress.step, now, Window(now), progress.step + 1, now)
+        state = self._state = LoopState(progress.step, now, Window(now), progress.step + 1, now,
+                                        start_tokens=progress.tokens_seen, pace=Pace(now, progress.step))
         stop, exit_code = StopFlag(), 0
         self.engine.train()
         batches = iter(self.objective.loader)
@@ -248,7 +276,7 @@ class Trainer:
                 if stops.log:
                     self._log_window(lr)
                 if stops.evaluate:
-                    state.last_val = self._evaluate()
+                    self._evaluate()
                 if signalled:
                     log.info(f"{stop.reason or 'stopping on another rank'}: saving at step {progress.step} and exiting")
                 if signalled or stops.save:
@@ -266,8 +294,25 @@ class Trainer:
             self._bar.close()
             self._close_metrics()
         if exit_code == 0:
-            log.info(f"done at step {progress.step}; {self.objective.done_hint()}")
+            log.info(self._summary())
         return exit_code
+
+    def _summary(self) -> str:
+        """The run's last line: how far it got, in what time, its best evaluation, and where to look."""
+        state, step = self._state, self.progress.step
+        seconds = self.clock() - state.run_start
+        tokens = self.progress.tokens_seen - state.start_tokens
+        what = "done" if step >= self.plan.max_steps else "stopped"
+        parts = [f"{what} at step {step}/{self.plan.max_steps}: {step - state.start_step:,} steps, "
+                 f"{tokens:,} tokens in {format_duration(seconds)} ({tokens / max(seconds, 1e-9):,.0f} tok/s)"]
+        if best := state.best_val:
+            parts.append(f"best val/loss {best['val/loss']:.4f}"
+                         + (f" (bpb {best['val/bpb']:.4f})" if "val/bpb" in best else "") + f" at step {best['step']}")
+        if state.last_saved:
+            parts.append(f"checkpoint {state.last_saved}")
+        if hint := self.objective.done_hint():
+            parts.append(hint)
+        return "; ".join(parts)
 
     def _timed_step(self, batches: Iterator[Any], lr: float) -> None:
         """`_train_step`, and on the first step of a compiled engine the compile warm-up it took."""
@@ -375,8 +420,7 @@ class Trainer:
         if self.device.type == "cuda":
             scalars["perf/max_mem_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
         self.writer.scalars(scalars, step)
-        done = step - state.start_step
-        eta = (now - state.run_start) / done * (max_steps - step) if done else 0
+        eta = state.pace.eta(now, step, max_steps)
         if self.process.rank == 0:
             self._bar.write(
                 f"step {step}/{max_steps} | loss {loss_avg:.4f}{self.objective.log_suffix(scalars)} | lr {lr:.2e} | "
@@ -386,8 +430,8 @@ class Trainer:
             )
         state.window = Window(self.clock())
 
-    def _evaluate(self) -> float:
-        """Validation, the evaluation tasks, and a text sample on rank 0; returns the validation loss."""
+    def _evaluate(self) -> None:
+        """Validation, the evaluation tasks, and a text sample on rank 0; the best evaluation is kept."""
         step, log = self.progress.step, self.process.log
         self.engine.eval()
         with torch.no_grad():
@@ -397,21 +441,24 @@ class Trainer:
         self.engine.train()
         self.writer.scalars(vals, step)
         log.info(f"eval @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in vals.items()))
+        best = self._state.best_val.get("val/loss", math.nan)
+        if not self._state.best_val or vals["val/loss"] < best or math.isnan(best):  # a NaN is never the best
+            self._state.best_val = {**vals, "step": step}
         if self.process.rank == 0 and self.train.sample_tokens:
             sample = self.objective.sample(self.engine.module)
             self.writer.text("samples", "```\n" + sample + "\n```", step)  # TensorBoard renders Markdown
             log.info(f"sample @ step {step}: {sample!r}")
-        return vals["val/loss"]
 
     def _save(self) -> None:
         path = self.checkpoint.save(self.progress.step)
+        self._state.last_saved = str(path)
         self.process.log.info(f"saved checkpoint {path}")
 
     def _close_metrics(self) -> None:
-        """The hparams table (with the last validation loss) and the writer's files."""
+        """The hparams table (against the run's val/loss and val/bpb series) and the writer's files."""
         hparams = {**dataclasses.asdict(self.train), **self.objective.hparams(), "world_size": self.process.world,
                    "precision": self.precision}
-        self.writer.hparams(hparams, {"hparam/val_loss": self._state.last_val})
+        self.writer.hparams(hparams, ["val/loss", "val/bpb"])
         self.writer.close()
 
 

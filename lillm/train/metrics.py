@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 # Dense bf16 peak TFLOP/s per device, by a substring of torch.cuda.get_device_name().
 PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A800": 312.0, "L4": 121.0,
@@ -19,12 +20,25 @@ def get_logger(rank: int) -> logging.Logger:
     """The `lillm` logger: INFO on rank 0, warnings only elsewhere."""
     log = logging.getLogger("lillm")
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = BarAwareHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
         log.propagate = False
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     return log
+
+
+class BarAwareHandler(logging.StreamHandler):
+    """Writes each record through `tqdm.write`: a line logged while the training bar is drawn (an eval, a
+    sample, a save) then gets a line of its own, the bar cleared and redrawn under it, instead of being
+    glued to the bar's end."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:
+            self.handleError(record)
 
 
 def detect_peak_tflops(configured: float) -> float:
@@ -67,10 +81,15 @@ class MetricsWriter:
         if self.tb is not None:
             self.tb.add_text(tag, text, step)
 
-    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+    def hparams(self, hparams: dict[str, Any], metrics: list[str]) -> None:
+        """TensorBoard's hparams table: this run's settings, against the last value of each scalar series named
+        in `metrics` (which TensorBoard reads from the run's own series: no extra card, no NaN placeholder)."""
         if self.tb is not None:
+            from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
             clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
-            self.tb.add_hparams(clean, metrics, run_name=".")
+            for summary in hparams_summaries(clean, dict.fromkeys(metrics, 0.0)):
+                self.tb.file_writer.add_summary(summary)
 
     def flush(self) -> None:
         if self.tb is not None:

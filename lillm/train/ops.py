@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import sys
 import time
@@ -64,6 +65,23 @@ def use_venv_ninja() -> None:
     path = os.environ.get("PATH", "")
     if path.split(os.pathsep)[0] != ninja.BIN_DIR:
         os.environ["PATH"] = ninja.BIN_DIR + (os.pathsep + path if path else "")
+
+
+# Packages whose presence makes DeepSpeed pick another accelerator than CUDA or the CPU.
+OTHER_ACCELERATORS = ("intel_extension_for_pytorch", "torch_npu", "torch_sdaa", "habana_frameworks", "torch_mlu")
+
+
+def name_cpu_accelerator() -> None:
+    """Set DS_ACCELERATOR=cpu where DeepSpeed would find nothing but the CPU: its detection otherwise says so
+    itself, "Setting accelerator to CPU ...", once in every process that imports it. Left alone when already
+    set, on a machine with an NVIDIA driver (/proc/driver/nvidia) or an AMD one (/dev/kfd, ROCm), on macOS
+    (Apple's MPS), or when another accelerator's package is installed. Checked from files, without importing
+    torch, so that `lillm --help` stays quick; child processes (data workers, ranks) inherit the setting."""
+    if "DS_ACCELERATOR" in os.environ or sys.platform == "darwin" \
+            or any(os.path.exists(p) for p in ("/proc/driver/nvidia/version", "/dev/kfd")) \
+            or any(importlib.util.find_spec(p) for p in OTHER_ACCELERATORS):
+        return
+    os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def _cpu_accelerator() -> bool:

@@ -20,6 +20,7 @@ from lillm.data.prepare import read_manifest
 from lillm.errors import UserError
 from lillm.generate import SamplingConfig, generate
 from lillm.model import LilLM
+from lillm.runs import tensorboard_dir
 from lillm.scoring import Score, byte_table, score_windows
 from lillm.tokenizer import Tokenizer, load_tokenizer
 from lillm.train.assemble import Task, assemble
@@ -107,7 +108,7 @@ class LanguageModeling(Objective):
         return {f"model.{k}": v for k, v in self.model_cfg.to_dict().items()}
 
     def done_hint(self) -> str:
-        return f"TensorBoard: tensorboard --logdir {Path(self.train.run_dir) / 'tensorboard'}"
+        return f"TensorBoard: tensorboard --logdir {tensorboard_dir(self.train.run_dir).parent}"
 
 
 def model_for_data(model_cfg: ModelConfig, data_vocab: int, data_dir: str) -> ModelConfig:

@@ -15,6 +15,7 @@ import torch
 
 from lillm.errors import UserError
 from lillm.files import write_atomic
+from lillm.runs import tensorboard_dir
 from lillm.train.dist import Process, all_reduce
 from lillm.train.metrics import MetricsWriter
 
@@ -33,7 +34,7 @@ def open_run_dir(run_dir: str, process: Process, *, model: torch.nn.Module, keep
     if all_reduce([float(bool(problem))], process.device)[0]:
         raise UserError(problem or "another rank could not open the run directory (see its error)")
     rank0 = process.rank == 0
-    writer = MetricsWriter(str(run_dir / "tensorboard") if rank0 and tensorboard else None,
+    writer = MetricsWriter(str(tensorboard_dir(run_dir)) if rank0 and tensorboard else None,
                            run_dir / "metrics.jsonl" if rank0 else None, step)
     if rank0 and step == 0:
         writer.text("config", "```\n" + config_yaml + "\n```", 0)
