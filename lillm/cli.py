@@ -387,6 +387,9 @@ def build_parser():
     docstring, and `--config file.yaml` / `--print_config`) and the training parsers as pretrain, sft, dpo."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
+    from lillm.files import use_strict_yaml
+
+    use_strict_yaml()
     parser = ArgumentParser(prog="lillm", description="lillm: train and use small Llama-3-style models.",
                             exit_on_error=False)
     subcommands = parser.add_subcommands(required=True)
@@ -431,7 +434,7 @@ def _parse(parser, args: list[str], command: str | None):
     from lillm.train.config import resolve_shipped
 
     try:
-        return parser.parse_args(resolve_shipped(args) if command in TRAINING else args)
+        return parser.parse_args(resolve_shipped(args, shipped=command in TRAINING))
     except ArgumentError as e:
         raise UserError(f"{' '.join(str(e).split())} (see lillm {command + ' ' if command else ''}--help)") from None
 

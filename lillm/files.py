@@ -47,3 +47,43 @@ def save_safetensors(tensors: dict[str, Any], path: str | os.PathLike) -> None:
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     write_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def strict_yaml_load(text: str) -> Any:
+    """jsonargparse's YAML loader, refusing a mapping that names a key twice: PyYAML keeps the last value
+    silently, so a config with `lr` written twice would train with whichever came last."""
+    import yaml
+    from jsonargparse._loaders_dumpers import get_yaml_default_loader, yaml_load
+
+    if isinstance(text, str) and ":" in text:  # only a mapping can repeat a key
+        _refuse_duplicate_keys(yaml.compose(text, Loader=get_yaml_default_loader()))
+    return yaml_load(text)
+
+
+def _refuse_duplicate_keys(node: Any) -> None:
+    import yaml
+
+    stack = [node] if node is not None else []
+    while stack:
+        n = stack.pop()
+        if isinstance(n, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key, value in n.value:
+                name = key.value if isinstance(key, yaml.ScalarNode) else None
+                if name is not None and name in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {name!r} at line {key.start_mark.line + 1} (first at line "
+                        f"{seen[name]}): remove one of them", None)
+                if name is not None:
+                    seen[name] = key.start_mark.line + 1
+                stack.append(value)
+        elif isinstance(n, yaml.SequenceNode):
+            stack.extend(n.value)
+
+
+def use_strict_yaml() -> None:
+    """Make jsonargparse read every YAML value and `--config` file with `strict_yaml_load`."""
+    import yaml
+    from jsonargparse import set_loader
+
+    set_loader("yaml", strict_yaml_load, exceptions=(yaml.YAMLError,))

@@ -9,6 +9,7 @@ from typing import Literal
 
 from lillm.config import nonfinite_fields
 from lillm.errors import UserError
+from lillm.files import strict_yaml_load, use_strict_yaml
 
 
 @dataclass
@@ -209,15 +210,38 @@ def shipped_file(value: str, kind: Literal["ds_config", "config"]) -> str:
     raise UserError(f"--{kind} {value}: no such file, and not a config shipped with lillm ({names})")
 
 
-def resolve_shipped(argv: list[str]) -> list[str]:
-    """argv with `--config NAME` made a path (jsonargparse opens the file while parsing)."""
+def resolve_shipped(argv: list[str], shipped: bool = True) -> list[str]:
+    """argv with `--config NAME` made a path (jsonargparse opens the file while parsing; `shipped=False` takes
+    paths only), each config file checked for a key written twice first, so that the refusal names the file."""
+    def resolve(value: str) -> str:
+        return check_yaml_file(shipped_file(value, "config") if shipped else value)
+
     out = list(argv)
     for i, arg in enumerate(out):
         if arg == "--config" and i + 1 < len(out):
-            out[i + 1] = shipped_file(out[i + 1], "config")
+            out[i + 1] = resolve(out[i + 1])
         elif arg.startswith("--config="):
-            out[i] = "--config=" + shipped_file(arg.split("=", 1)[1], "config")
+            out[i] = "--config=" + resolve(arg.split("=", 1)[1])
     return out
+
+
+def check_yaml_file(path: str) -> str:
+    """`path`, after refusing a YAML file that names a key twice (one line naming the file, key and lines);
+    other problems with the file are jsonargparse's to report."""
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError):
+        return path
+    try:
+        strict_yaml_load(text)
+    except yaml.constructor.ConstructorError as e:
+        if "duplicate key" in str(e.problem):
+            raise UserError(f"{path}: {e.problem}") from None
+    except yaml.YAMLError:
+        pass
+    return path
 
 
 def new_parser(prog: str, description: str, config_help: str):
@@ -227,6 +251,7 @@ def new_parser(prog: str, description: str, config_help: str):
     from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    use_strict_yaml()
     parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help=config_help)
     parser.add_argument("--ds_config", type=str, default="auto",
