@@ -11,6 +11,8 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}   #
 export TORCH_NCCL_AVOID_RECORD_STREAMS=1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 export PATH="$PATH:$PWD/.venv/bin"   # a deepspeed already on PATH first, else the checkout's .venv
-exec deepspeed --num_gpus 2 launch/pretrain.py \
+# The rendezvous port: MASTER_PORT, else one free now (a second job on this machine must not collide on 29500).
+PORT=${MASTER_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
+exec deepspeed --master_port "$PORT" --num_gpus 2 launch/pretrain.py \
   --ds_config ds_configs/zero2.json \
   --config launch/configs/lil-39m-2xa100.yaml "$@"

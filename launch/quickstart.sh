@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 bash launch/setup_env.sh
 export PATH="$PWD/.venv/bin:$PATH" TOKENIZERS_PARALLELISM=false
 RUN=${RUN:-runs/debug}
+# The rendezvous port: MASTER_PORT, else one free now (a second job on this machine must not collide on 29500).
+PORT=${MASTER_PORT:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
 DATA=data/pydoc
 
 if [ ! -f "$DATA/manifest.json" ]; then
@@ -22,7 +24,7 @@ else
   DS=ds_configs/zero2_cpu.json  # bf16 matmuls are slow on most CPUs: fp32 here
   export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}  # DeepSpeed's launcher would say it found no GPU, in each process
 fi
-deepspeed --num_gpus "$NGPU" launch/pretrain.py --ds_config "$DS" --config launch/configs/debug.yaml \
+deepspeed --master_port "$PORT" --num_gpus "$NGPU" launch/pretrain.py --ds_config "$DS" --config launch/configs/debug.yaml \
   --data.dir "$DATA" --train.run_dir "$RUN" "$@"
 
 echo

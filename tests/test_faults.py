@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import os
+import signal
+import socket
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from lillm import cli
+
+from .conftest import DEEPSPEED, ENV, REPO
 
 pytestmark = pytest.mark.slow
 
@@ -29,6 +38,56 @@ FAULTS = {
     9: "a stopped rank",
     10: "the rendezvous port taken",
 }
+
+
+def train_args(data: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
+    """A small, quick pretraining run of the debug recipe on the test shards."""
+    return ["launch/pretrain.py", "--config", "debug", "--ds_config", "zero2_cpu", "--data.dir", str(data),
+            "--train.run_dir", str(run_dir), "--model.vocab_size", "1024", "--train.max_steps", str(steps),
+            "--train.warmup_steps", "2", "--train.micro_batch_size", "4", "--train.seq_len", "64",
+            "--train.grad_accum", "1", "--train.log_interval", "1", "--train.eval_interval", "0",
+            "--train.eval_batches", "2", "--train.sample_tokens", "0", "--train.ckpt_interval", "1000",
+            "--data.num_workers", "0", *extra]
+
+
+def port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args: list[str], ranks: int = 2, env: dict | None = None, master_port: int | None = None) -> subprocess.Popen:
+    """A training script through the real `deepspeed` launcher, in a process group of its own."""
+    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(master_port or port()), *args]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**ENV, **(env or {})}, start_new_session=True)
+
+
+def steps_logged(run_dir: Path) -> list[int]:
+    f = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.exists() else []
+    return [r["step"] for r in rows if "train/loss" in r]
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while max(steps_logged(run_dir), default=0) < step:
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early ({proc.returncode}): {proc.communicate()[1][-3000:]}")
+        if time.time() > deadline:
+            raise AssertionError("timed out waiting for training")
+        time.sleep(0.3)
+
+
+def latest(run_dir: Path) -> int:
+    return int((run_dir / "checkpoints/latest").read_text().removeprefix("step_"))
+
+
+def ranks_of(run_dir: Path) -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if "--local_rank=" in " ".join(p.info["cmdline"] or []) and str(run_dir) in (p.info["cmdline"] or [])]
 
 
 def run_cli(argv: list[str]) -> tuple[int, list[str]]:
@@ -58,6 +117,55 @@ def test_fault_05_a_yaml_key_written_twice_is_refused_naming_the_file_key_and_li
     # A value on the command line is read by the same loader.
     code, lines = run_cli(["pretrain", "--config", "debug", "--model", "{n_layers: 2, n_layers: 3}"])
     assert code == 2 and "duplicate key 'n_layers'" in lines[0], lines
+
+
+def test_fault_07_08_sigterm_mid_evaluation_and_sighup_save_then_exit(pretrain_shards, tmp_path):
+    """7: a SIGTERM to every process of the job while a long evaluation runs (100,000 validation batches: minutes)
+    cuts the evaluation short and saves the step within seconds, well inside the 30 s DeepSpeed's launcher
+    allows. 8: SIGHUP, what every process of a job gets when its terminal closes, saves and exits too."""
+    run_dir = tmp_path / "run"
+    proc = start(train_args(pretrain_shards, run_dir, 400, "--train.eval_interval", "3", "--train.eval_batches",
+                            "100000"))
+    wait_for_step(run_dir, 3, proc)
+    time.sleep(2)  # inside the evaluation of step 3
+    sent = time.time()
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert time.time() - sent < 20, out[-2000:]
+    assert "eval @ step 3: cut short by a stop request" in out and "saving at step 3" in out, out[-3000:]
+    assert latest(run_dir) == 3 and "Traceback" not in err, err[-3000:]
+    assert not ranks_of(run_dir)
+
+    proc = start(train_args(pretrain_shards, run_dir, 400))
+    wait_for_step(run_dir, 6, proc)
+    os.killpg(proc.pid, signal.SIGHUP)
+    out, err = proc.communicate(timeout=120)
+    assert "received signal SIGHUP: saving at step" in out and "resumed from" in out, out[-3000:]
+    assert latest(run_dir) >= 6 and max(steps_logged(run_dir)) == latest(run_dir), out[-2000:]
+    assert "Traceback" not in err and not ranks_of(run_dir), err[-3000:]
+
+
+def test_fault_10_a_taken_rendezvous_port_is_one_line_with_the_fix(pretrain_shards, tmp_path):
+    with socket.socket() as other_job:
+        other_job.bind(("127.0.0.1", 0))
+        other_job.listen()
+        taken = other_job.getsockname()[1]
+        proc = start(train_args(pretrain_shards, tmp_path / "run", 2), master_port=taken)
+        _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, err[-3000:]
+    assert f"the rendezvous port {taken} on 127.0.0.1 is in use" in lines[0] and "--master_port" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_launch_scripts_pick_a_free_port_unless_master_port_is_set(tmp_path):
+    for script in ("launch/quickstart.sh", "launch/pretrain_2xa100.sh"):
+        text = (REPO / script).read_text()
+        assert 'PORT=${MASTER_PORT:-$(python3 -c' in text and '--master_port "$PORT"' in text, script
+    script = f"grep -m1 '^PORT=' launch/quickstart.sh > {tmp_path}/p.sh; . {tmp_path}/p.sh; echo $PORT"
+    r = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True,
+                       env={k: v for k, v in os.environ.items() if k != "MASTER_PORT"})
+    assert r.stdout.strip().isdigit() and int(r.stdout) > 1024, r.stderr
 
 
 def test_every_fault_has_a_test():

@@ -156,10 +156,11 @@ class PackedWindows(IterableDataset):
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """Workers leave SIGTERM/SIGINT to the training process, which finishes its step and saves; a worker
-    killed by a Ctrl-C or a scheduler's signal to the whole process group would abort the run instead."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Workers leave SIGTERM/SIGINT/SIGHUP to the training process, which finishes its step and saves; a worker
+    killed by a Ctrl-C, a closed terminal or a scheduler's signal to the whole process group would abort the
+    run instead."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 _open_iterators: weakref.WeakSet = weakref.WeakSet()

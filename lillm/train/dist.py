@@ -61,12 +61,24 @@ def init_distributed(verbose: bool = False) -> tuple[int, int, int]:
     try:
         with contextlib.redirect_stdout(sys.stdout if verbose else said):
             deepspeed.init_distributed()
-    except BaseException:
+    except BaseException as e:
+        if port_taken(e):
+            port, free = os.environ.get("MASTER_PORT", "?"), _free_port()
+            raise UserError(f"the rendezvous port {port} on {os.environ.get('MASTER_ADDR', '?')} is in use (another "
+                            f"job on this machine?): launch with a free one, e.g. `deepspeed --master_port {free} "
+                            "...` (launch/quickstart.sh and the shipped launch scripts pick one when MASTER_PORT is "
+                            "unset)") from None
         sys.stderr.write(said.getvalue())
         raise
     if dist.get_world_size() != expected:
         raise UserError(f"the process group has {dist.get_world_size()} ranks but WORLD_SIZE says {expected}")
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def port_taken(error: BaseException) -> bool:
+    """Whether joining the process group failed because its rendezvous port belongs to another process."""
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("EADDRINUSE" in text or "address already in use" in text.lower())
 
 
 def start_process(verbose: bool = False) -> Process:
@@ -110,15 +122,20 @@ def share_cpu_threads() -> None:
     torch.set_num_threads(max(1, cores // ranks_here))
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+"""Signals that ask a run to save and exit: a scheduler's or `kill`'s TERM, Ctrl-C, and the terminal closing
+(HUP, sent to every process of the job)."""
+
+
 class StopFlag:
-    """Set by SIGTERM/SIGINT, or when the `deepspeed` command that started this rank has exited (DeepSpeed's
+    """Set by SIGTERM/SIGINT/SIGHUP, or when the `deepspeed` command that started this rank has exited (DeepSpeed's
     launcher dies on SIGTERM without passing it on, so its ranks would otherwise train unattended); the loop
     finishes the step, saves and exits 0. `close()` puts the previous handlers back."""
 
     def __init__(self) -> None:
         self.signum = 0
         self.reason = ""
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
         self._launchers = _LAUNCHERS if _LAUNCHERS is not None else _launcher_ancestors()
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -183,8 +200,8 @@ def run_training(name: str, body: Any) -> None:
 class ReaderlessStream:
     """A text stream whose writes never raise once its reader is gone: when output goes through a pipe and
     the reader exits (`| head`, or `| tee` killed by the same Ctrl-C that asks the run to stop), a write raises
-    BrokenPipeError, which would end a rank mid-save. From then on output is dropped and the run goes on, so a
-    stop still saves its checkpoint."""
+    BrokenPipeError, and on a terminal that was closed (SIGHUP) it raises EIO; either would end a rank mid-save.
+    From then on output is dropped and the run goes on, so a stop still saves its checkpoint."""
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
@@ -198,7 +215,7 @@ class ReaderlessStream:
         if not self.broken:
             try:
                 return self._stream.write(text)
-            except (BrokenPipeError, ConnectionResetError, ValueError):  # ValueError: written after close
+            except (OSError, ValueError):  # a closed pipe, a hung-up terminal (EIO); ValueError: written after close
                 self._break()
         return len(text)
 
@@ -206,7 +223,7 @@ class ReaderlessStream:
         if not self.broken:
             try:
                 self._stream.flush()
-            except (BrokenPipeError, ConnectionResetError, ValueError):
+            except (OSError, ValueError):
                 self._break()
 
     def _break(self) -> None:

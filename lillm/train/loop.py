@@ -275,8 +275,8 @@ class Trainer:
                 signalled = self._agree(stop)
                 if stops.log:
                     self._log_window(lr)
-                if stops.evaluate:
-                    self._evaluate()
+                if stops.evaluate and not signalled:
+                    signalled = not self._evaluate(stop)
                 if signalled:
                     log.info(f"{stop.reason or 'stopping on another rank'}: saving at step {progress.step} and exiting")
                 if signalled or stops.save:
@@ -430,24 +430,31 @@ class Trainer:
             )
         state.window = Window(self.clock())
 
-    def _evaluate(self) -> None:
-        """Validation, the evaluation tasks, and a text sample on rank 0; the best evaluation is kept."""
+    def _evaluate(self, stop: StopFlag) -> bool:
+        """Validation, the evaluation tasks, and a text sample on rank 0; the best evaluation is kept. A stop
+        requested meanwhile cuts it short (`StopAware`): the partial scores are dropped and False is returned
+        on every rank, so that the run saves at once."""
         step, log = self.progress.step, self.process.log
+        model = StopAware(self.engine, stop.requested)
         self.engine.eval()
         with torch.no_grad():
-            vals = self.objective.evaluate(self.engine)
+            vals = self.objective.evaluate(model)
             if self.downstream:
-                vals.update(self.downstream(self.engine, self.process))
+                vals.update(self.downstream(model, self.process))
         self.engine.train()
+        if all_reduce([float(model.cut)], self.device)[0]:
+            log.info(f"eval @ step {step}: cut short by a stop request, not recorded")
+            return False
         self.writer.scalars(vals, step)
         log.info(f"eval @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in vals.items()))
         best = self._state.best_val.get("val/loss", math.nan)
         if not self._state.best_val or vals["val/loss"] < best or math.isnan(best):  # a NaN is never the best
             self._state.best_val = {**vals, "step": step}
-        if self.process.rank == 0 and self.train.sample_tokens:
+        if self.process.rank == 0 and self.train.sample_tokens and not stop.requested():
             sample = self.objective.sample(self.engine.module)
             self.writer.text("samples", "```\n" + sample + "\n```", step)  # TensorBoard renders Markdown
             log.info(f"sample @ step {step}: {sample!r}")
+        return True
 
     def _save(self) -> None:
         path = self.checkpoint.save(self.progress.step)
@@ -460,6 +467,28 @@ class Trainer:
                    "precision": self.precision}
         self.writer.hparams(hparams, ["val/loss", "val/bpb"])
         self.writer.close()
+
+
+class StopAware:
+    """The engine as an evaluation sees it. Once a stop is requested (a signal, the launcher gone), every
+    forward pass returns zero logits of the right shape instead of computing: the evaluation loops, and the
+    collectives that sum their results, then run to their end in moments on every rank in the same order, and
+    the run saves well inside the launcher's grace period (30 s before it kills a rank). Anything else is the
+    engine's. `cut` tells whether this evaluation was cut short."""
+
+    def __init__(self, engine: Any, requested: Callable[[], bool]) -> None:
+        self._engine, self._requested = engine, requested
+        self.cut = False
+
+    def __call__(self, ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.cut or self._requested():
+            self.cut = True
+            vocab = self._engine.module.config.vocab_size
+            return torch.zeros((*ids.shape, vocab), device=ids.device)
+        return self._engine(ids, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
 
 
 def compiled_graphs() -> int:
