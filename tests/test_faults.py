@@ -102,6 +102,53 @@ def run_cli(argv: list[str]) -> tuple[int, list[str]]:
     return code, [line for line in err.getvalue().splitlines() if line.strip()]
 
 
+@pytest.fixture(scope="module")
+def extensions(tmp_path_factory) -> Path:
+    """A copy of the venv's built DeepSpeed ops, to damage."""
+    import shutil
+
+    from lillm.train.ops import CPU_OP, build_ops
+
+    built = Path(sys.prefix) / "torch_extensions"
+    if not (built / CPU_OP / f"{CPU_OP}.so").is_file():
+        build_ops()  # launch/setup_env.sh does this once per venv
+    ext = tmp_path_factory.mktemp("ops") / "ext"
+    shutil.copytree(built, ext)
+    return ext
+
+
+def test_fault_01_a_dead_builders_op_lock_never_blocks_and_a_live_ones_wait_is_bounded(pretrain_shards, tmp_path,
+                                                                                      extensions):
+    """A build killed mid-way leaves torch's lock file, fresh: the next 2-rank launch removes it (lillm's own
+    lock, an OS lock that died with the killed builder, is free) and trains. A live holder of lillm's lock is
+    waited for, with its pid and host on a progress line, for a bounded time, then one line and exit 2."""
+    import fcntl
+
+    from lillm.train.ops import BUILD_LOCK, CPU_OP
+
+    lock = extensions / CPU_OP / "lock"
+    lock.write_text("")
+    proc = start(train_args(pretrain_shards, tmp_path / "run", 1), env={"TORCH_EXTENSIONS_DIR": str(extensions)})
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    assert "removed a DeepSpeed build lock that no process holds" in err and not lock.exists(), err[-3000:]
+
+    with open(extensions / BUILD_LOCK, "r+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.truncate()
+        held.write("pid 4242 on buildhost since 12:00:00")
+        held.flush()
+        env = {**ENV, "TORCH_EXTENSIONS_DIR": str(extensions), "LILLM_OP_BUILD_WAIT_S": "4"}
+        started = time.time()
+        r = subprocess.run([sys.executable, *train_args(pretrain_shards, tmp_path / "run2", 1)], cwd=REPO,
+                           capture_output=True, text=True, timeout=120, env=env)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and time.time() - started < 60, r.stderr[-3000:]
+    assert lines[-1].startswith("pretrain: error: waited") and "held by pid 4242 on buildhost" in lines[-1], lines
+    assert lines[0].startswith("lillm: waiting 0 s so far for a DeepSpeed op build by pid 4242"), lines
+    assert "Traceback" not in r.stderr and not (tmp_path / "run2").exists()
+
+
 def test_fault_05_a_yaml_key_written_twice_is_refused_naming_the_file_key_and_lines(tmp_path):
     cfg = tmp_path / "twice.yaml"
     cfg.write_text("train:\n  lr: 0.001\n  max_steps: 5\n  lr: 0.99\n")

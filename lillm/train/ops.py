@@ -6,54 +6,112 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.util
 import os
+import socket
 import sys
 import time
+from collections.abc import Iterator
+
+from lillm.errors import UserError
 
 CPU_OP = "deepspeed_shm_comm"  # the op DeepSpeed's CPU accelerator JIT-builds for its collectives
-STALE_BUILD_LOCK_S = 600  # building DeepSpeed's CPU op takes about 100 s; a lock this old has no builder
+BUILD_LOCK = "lillm-build.lock"
+"""lillm's own lock around loading (and so building) an op, in the extensions directory: an OS lock (flock) that
+dies with its holder, so a killed builder never blocks a later launch. The file records the holder."""
+WAIT_ENV = "LILLM_OP_BUILD_WAIT_S"
+WAIT_S = 900.0  # building DeepSpeed's CPU op takes about 2 minutes on 2 cores; a holder past this is stuck
+REPORT_EVERY_S = 30.0
 
 
 def use_venv_extensions_dir(announce: bool = True) -> None:
     """Point DeepSpeed's JIT-built ops at <venv>/torch_extensions (where `launch/setup_env.sh` builds them
-    once), unless TORCH_EXTENSIONS_DIR is set; build them with the venv's ninja whatever PATH says; say so when
-    a launch has to build; and clear a build lock that no builder holds any more.
+    once), unless TORCH_EXTENSIONS_DIR is set; build them with the venv's ninja whatever PATH says; and, with
+    the CPU accelerator, load the CPU op now under `build_lock` (building it, and saying so, if needed).
 
     Why one ninja: torch runs `ninja` from PATH, and ninja versions read each other's build logs as foreign,
     so a build made with the system's ninja (setup with the plain PATH) is rebuilt from scratch by the venv's
     (an activated venv, the quickstart), and back again, two to three minutes each time.
 
-    torch's build lock is a bare file: a process killed while building leaves it, and every later launch
-    then waits for it forever, silently. In a cache per venv the op is built once at setup, not by the
-    first launch, so that window is closed; a lock older than any build is removed with a warning.
+    Why the lock: torch's own build lock is a bare file that a process killed while building leaves behind,
+    and every later load then waits for it forever. Every lillm process loads the op under `build_lock`
+    first, so a torch lock found while holding it belongs to nobody and is removed; DeepSpeed's own load,
+    later, finds the op built.
     """
     use_venv_ninja()
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     if root is None and os.access(sys.prefix, os.W_OK):
         root = os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(sys.prefix, "torch_extensions")
-    if root is None:
+    if root is None or not _cpu_accelerator():
         return
-    if announce and os.environ.get("LOCAL_RANK", "0") == "0" and _cpu_accelerator() \
-            and not os.path.isfile(os.path.join(root, CPU_OP, CPU_OP + ".so")):
-        print(f"lillm: building DeepSpeed's CPU communication op into {root} (once per venv, about 2 minutes; "
-              "launch/setup_env.sh does it at setup)", file=sys.stderr, flush=True)
-    if not os.path.isdir(root):
-        return
+    with build_lock(root):
+        if announce and os.environ.get("LOCAL_RANK", "0") == "0" \
+                and not os.path.isfile(os.path.join(root, CPU_OP, CPU_OP + ".so")):
+            print(f"lillm: building DeepSpeed's CPU communication op into {root} (once per venv, about 2 minutes; "
+                  "launch/setup_env.sh does it at setup)", file=sys.stderr, flush=True)
+        _load_cpu_op()
+
+
+@contextlib.contextmanager
+def build_lock(root: str, wait_s: float | None = None) -> Iterator[None]:
+    """Hold lillm's op-build lock in `root` (see BUILD_LOCK); on the way in, remove the torch build locks that
+    no live process holds. A wait for another holder says who it is every REPORT_EVERY_S seconds and ends with
+    a UserError after `wait_s` (default: $LILLM_OP_BUILD_WAIT_S, else WAIT_S)."""
+    wait_s = float(os.environ.get(WAIT_ENV, WAIT_S)) if wait_s is None else wait_s
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, BUILD_LOCK)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        start, last_report = time.monotonic(), -REPORT_EVERY_S  # the first wait is reported at once
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                waited = time.monotonic() - start
+                if waited > wait_s:
+                    raise UserError(f"waited {waited:.0f} s for the DeepSpeed op build lock {path}, held by "
+                                    f"{_holder(fd)}: if that process is stuck, end it and launch again") from None
+                if time.monotonic() - last_report >= REPORT_EVERY_S:
+                    print(f"lillm: waiting {waited:.0f} s so far for a DeepSpeed op build by {_holder(fd)} "
+                          f"({path}; at most {wait_s:.0f} s)", file=sys.stderr, flush=True)
+                    last_report = time.monotonic()
+                time.sleep(0.2)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}".encode(), 0)
+        _remove_orphaned_torch_locks(root)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _holder(fd: int) -> str:
+    try:
+        return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+    except OSError:
+        return "another process"
+
+
+def _remove_orphaned_torch_locks(root: str) -> None:
+    """torch's build locks under `root`, found while holding BUILD_LOCK: their builders were killed mid-build."""
     for entry in os.scandir(root):
         lock = os.path.join(entry.path, "lock")
-        try:
-            age = time.time() - os.stat(lock).st_mtime
-        except OSError:
-            continue
-        if age > STALE_BUILD_LOCK_S:
+        if entry.is_dir() and os.path.exists(lock):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(lock)
-            print(f"lillm: removed a stale DeepSpeed build lock {lock} ({age / 60:.0f} min old: its build was "
+            print(f"lillm: removed a DeepSpeed build lock that no process holds ({lock}: its build was "
                   "interrupted); the op is rebuilt if needed", file=sys.stderr, flush=True)
-        else:
-            print(f"lillm: waiting for a DeepSpeed op build in progress ({lock}); if no other process is "
-                  "building, delete that file", file=sys.stderr, flush=True)
+
+
+def _load_cpu_op() -> None:
+    """Load (and if needed build) the op as DeepSpeed's TorchBackend will, where DeepSpeed counts it usable."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        builder.load(verbose=False)
 
 
 def use_venv_ninja() -> None:
@@ -93,10 +151,6 @@ def _cpu_accelerator() -> bool:
 def build_ops() -> None:
     """Build DeepSpeed's CPU communication op into the venv now (setup time), where CPU ranks load it."""
     use_venv_extensions_dir(announce=False)  # setup_env.sh says it is building
-    from deepspeed.accelerator import get_accelerator
-
-    if _cpu_accelerator():
-        get_accelerator().create_op_builder("ShareMemCommBuilder").load(verbose=False)
 
 
 if __name__ == "__main__":
