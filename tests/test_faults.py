@@ -149,6 +149,94 @@ def test_fault_01_a_dead_builders_op_lock_never_blocks_and_a_live_ones_wait_is_b
     assert "Traceback" not in r.stderr and not (tmp_path / "run2").exists()
 
 
+def test_fault_03_a_second_run_into_a_busy_run_directory_is_refused_naming_the_owner(pretrain_shards, tmp_path):
+    """Two 2-rank launches into one run directory: the second is refused in one line naming the first (its pid
+    and host) and writes nothing; the first trains on, saves on SIGTERM and leaves no lock behind."""
+    run_dir = tmp_path / "run"
+    first = start(train_args(pretrain_shards, run_dir, 400))
+    wait_for_step(run_dir, 2, first)
+    before = sorted(p.name for p in run_dir.rglob("*"))
+    second = start(train_args(pretrain_shards, run_dir, 400))
+    _, err = second.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert second.returncode == 2 and len(lines) == 1, err[-3000:]
+    owner = json.loads((run_dir / "lillm.lock").read_text())
+    assert f"is in use by the run of pid {owner['pid']} on {owner['host']}" in lines[0], lines
+    os.killpg(first.pid, signal.SIGTERM)
+    out, err = first.communicate(timeout=120)
+    assert "saving at step" in out and "Traceback" not in err, err[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "train/loss" in r]
+    assert steps == list(range(1, len(steps) + 1)), steps  # one row per step: only the first run wrote
+    assert set(before) - {"lillm.lock"} <= {p.name for p in run_dir.rglob("*")}
+    assert not (run_dir / "lillm.lock").exists()
+
+
+def test_fault_03_stale_locks_are_taken_over_and_live_ones_refused(tmp_path, monkeypatch):
+    """The lock's staleness rules without a second host: a dead pid on this host, a pid reused by another
+    process, and a heartbeat stopped on another host are taken over; a live owner anywhere is refused."""
+    import socket as sock
+
+    import psutil
+
+    from lillm.errors import UserError
+    from lillm.train import rundir
+    from lillm.train.rundir import RunLock
+
+    def lock_with(owner: dict, age: float = 0.0) -> Path:
+        d = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        d.mkdir()
+        (d / "lillm.lock").write_text(json.dumps(owner))
+        os.utime(d / "lillm.lock", (time.time() - age, time.time() - age))
+        return d
+
+    host = sock.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    parent = psutil.Process().parent()
+    live = {"host": host, "pid": parent.pid, "pid_started": parent.create_time(), "started": "then"}
+    for owner, age in (({**live, "pid": dead.pid}, 0), ({**live, "pid_started": 1.0}, 0),
+                       ({**live, "host": "elsewhere"}, rundir.STALE_S + 5)):
+        lock = RunLock(lock_with(owner, age))
+        lock.acquire()
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+        lock.release()
+        assert not lock.path.exists()
+    for owner, age in ((live, 0), ({**live, "host": "elsewhere"}, 10)):
+        d = lock_with(owner, age)
+        with pytest.raises(UserError, match=f"in use by the run of pid {parent.pid} on {owner['host']}"):
+            RunLock(d).acquire()
+        assert json.loads((d / "lillm.lock").read_text()) == owner  # left as it was
+    # The heartbeat keeps a long run's lock fresh for other hosts.
+    monkeypatch.setattr(rundir, "HEARTBEAT_S", 0.05)
+    lock = RunLock(tmp_path / "beating")
+    lock.acquire()
+    os.utime(lock.path, (time.time() - 1000, time.time() - 1000))
+    time.sleep(0.3)
+    assert time.time() - lock.path.stat().st_mtime < 5
+    lock.release()
+    assert not (tmp_path / "beating").exists()  # made by acquire, empty: removed
+
+
+def test_fault_04_a_fresh_run_over_another_runs_checkpoints_is_refused(process_group, pretrain_shards, tmp_path):
+    """train.resume none into a directory with checkpoints: refused before anything is written (its tokenizer,
+    config and latest stay the other run's); a resume that is refused for another tokenizer writes nothing."""
+    from lillm.errors import UserError
+    from lillm.train import pretrain
+
+    def build(run_dir: Path, *extra: str):
+        cfg, yaml = pretrain.parse_config([*train_args(pretrain_shards, run_dir, 2)[1:], "--train.tensorboard",
+                                           "false", *extra])
+        return pretrain.build(cfg, yaml)
+
+    run_dir = tmp_path / "run"
+    assert build(run_dir).fit() == 0
+    files = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    with pytest.raises(UserError, match=r"train.resume none, but .* holds another run's checkpoints \(step_00000002\)"):
+        build(run_dir, "--train.resume", "none")
+    assert {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()} == files
+
+
 def test_fault_05_a_yaml_key_written_twice_is_refused_naming_the_file_key_and_lines(tmp_path):
     cfg = tmp_path / "twice.yaml"
     cfg.write_text("train:\n  lr: 0.001\n  max_steps: 5\n  lr: 0.99\n")

@@ -220,11 +220,12 @@ def test_2xa100_launcher_environment(tmp_path):
     stub.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if "NCCL" not in k}
     env["PATH"] = f"{stub.parent}:{env['PATH']}"
+    env["MASTER_PORT"] = "29777"  # unset: a free port is picked
     out = subprocess.run(["bash", "launch/pretrain_2xa100.sh", "--train.lr", "3e-4"], cwd=REPO, capture_output=True,
                          text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert ("ARGS --num_gpus 2 launch/pretrain.py --ds_config ds_configs/zero2.json --config "
+    assert ("ARGS --master_port 29777 --num_gpus 2 launch/pretrain.py --ds_config ds_configs/zero2.json --config "
             "launch/configs/lil-39m-2xa100.yaml --train.lr 3e-4") in lines
     assert "TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in lines and not any(x.startswith("NCCL_P2P_LEVEL") for x in lines)
 

@@ -6,7 +6,7 @@ once the ranks exist. The rest is the same for every task and happens here, in t
 
 1. the batch plan, the filled DeepSpeed JSON and the evaluation tasks' items: every input is checked
    before the process group exists, so bad input fails in a second on every rank;
-2. the process group;
+2. the process group, and the run directory's lock (one run at a time in it, taken by rank 0);
 3. the resume plan (which checkpoint, loaded how), from which the engine's config is derived;
 4. the engine, the objective, and the checkpoint holding the run's stateful parts, restored;
 5. the run directory: room for a checkpoint, the run files (the filled JSON as it ran), the metrics writer.
@@ -18,16 +18,17 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from lillm.errors import UserError
 from lillm.model import LilLM
 from lillm.tokenizer import Tokenizer
 from lillm.train.checkpoint import Checkpoint, RunIdentity, plan_resume
 from lillm.train.config import BatchPlan, TrainConfig, plan_batches
-from lillm.train.dist import Process, launched_world_size, start_process
+from lillm.train.dist import Process, all_reduce, launched_world_size, start_process
 from lillm.train.downstream import TaskEvaluation
 from lillm.train.ds_config import fill_ds_config, precision
 from lillm.train.engine import build_engine, optimizer_summary
 from lillm.train.loop import Objective, Progress, Trainer
-from lillm.train.rundir import open_run_dir
+from lillm.train.rundir import RunLock, open_run_dir, refuse_fresh_start_over_checkpoints
 
 
 @dataclasses.dataclass
@@ -52,7 +53,32 @@ def assemble(task: Task, train: TrainConfig, ds_path: str, raw_ds: dict[str, Any
     plan = plan_batches(train, task.seq_len, launched_world_size())
     ds_cfg = fill_ds_config(raw_ds, train, plan, ds_path)
     downstream = TaskEvaluation(train, task.tokenizer, task.model.config.max_seq_len, task.model.config.vocab_size)
+    refuse_fresh_start_over_checkpoints(train.run_dir, train.resume)
     process = start_process(train.verbose)
+    lock = lock_run_dir(train.run_dir, process)
+    try:
+        return _assemble(task, train, ds_path, ds_cfg, config_yaml, plan, downstream, process, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def lock_run_dir(run_dir: str, process: Process) -> RunLock | None:
+    """Rank 0 takes the run directory's lock; a refusal there stops every rank (a collective)."""
+    lock, problem = RunLock(run_dir, process.log) if process.rank == 0 else None, ""
+    if lock is not None:
+        try:
+            lock.acquire()
+        except UserError as e:
+            problem = str(e)
+    if all_reduce([float(bool(problem))], process.device)[0]:
+        raise UserError(problem or "the run directory is in use by another run (see rank 0's error)")
+    return lock
+
+
+def _assemble(task: Task, train: TrainConfig, ds_path: str, ds_cfg: dict[str, Any], config_yaml: str,
+              plan: Any, downstream: TaskEvaluation, process: Process, lock: RunLock | None) -> Trainer:
     resume = plan_resume(train.resume, train.run_dir, task.identity, process.world, ds_cfg)
     for line in resume.warnings:
         process.log.warning(line)
@@ -73,6 +99,7 @@ def assemble(task: Task, train: TrainConfig, ds_path: str, raw_ds: dict[str, Any
         writer.scalars(scalars, 0)
     trainer = Trainer(engine, objective, checkpoint, train, plan, process, precision(ds_cfg), progress, writer,
                       optimizer, downstream)
+    trainer.run_lock = lock
     stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
     process.log.info(f"lillm {task.describe(trainer)}; {process.world} rank(s) on {process.device.type}, "
                      f"{trainer.precision}, ZeRO stage {stage}, {optimizer_line}")

@@ -28,6 +28,7 @@ from lillm.train.checkpoint import Checkpoint
 from lillm.train.config import BatchPlan, TrainConfig
 from lillm.train.dist import Process, StopFlag, all_reduce
 from lillm.train.metrics import MetricsWriter, detect_peak_tflops, format_duration
+from lillm.train.rundir import RunLock
 from lillm.train.schedule import apply_lr
 
 AGREE_EVERY = 10
@@ -243,6 +244,7 @@ class Trainer:
         self._state: LoopState | None = None
         self._bar: Any = None
         self._finite: torch.Tensor | None = None  # with gradient gates: is the current micro-batch's loss finite
+        self.run_lock: RunLock | None = None  # rank 0's hold on the run directory, released when fit ends
 
     @property
     def device(self) -> torch.device:
@@ -293,6 +295,8 @@ class Trainer:
             stop.close()
             self._bar.close()
             self._close_metrics()
+            if self.run_lock is not None:
+                self.run_lock.release()
         if exit_code == 0:
             log.info(self._summary())
         return exit_code

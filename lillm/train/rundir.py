@@ -1,4 +1,5 @@
-"""The run directory's chores at the start of a run: room for a checkpoint, the run files, the metrics writer.
+"""The run directory's chores at the start of a run: one run at a time (`RunLock`), room for a checkpoint,
+the run files, the metrics writer.
 
 Every rank checks its own disk (run directories may be node-local), rank 0 writes the files, and all ranks
 agree before training starts, so a refusal on one rank stops every rank with its message.
@@ -6,8 +7,13 @@ agree before training starts, so a refusal on one rank stops every rank with its
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import socket
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +21,7 @@ import torch
 
 from lillm.errors import UserError
 from lillm.files import write_atomic
-from lillm.runs import tensorboard_dir
+from lillm.runs import LATEST, checkpoints_dir, tensorboard_dir
 from lillm.train.dist import Process, all_reduce
 from lillm.train.metrics import MetricsWriter
 
@@ -75,3 +81,144 @@ def check_free_space(run_dir: Path, needed: int, keep: int, log: Any) -> None:
     if free < (keep + 1) * needed:
         log.warning(f"{run_dir}: {free / 2**20:,.1f} MiB free holds fewer than train.keep_checkpoints + 1 = "
                     f"{keep + 1} checkpoints of about {needed / 2**20:,.1f} MiB")
+
+
+LOCK = "lillm.lock"
+HEARTBEAT_S = 30.0
+"""How often the owner of a run directory touches its lock file."""
+STALE_S = 300.0
+"""A lock whose owner is on another host and has not touched it for this long is stale (its host died, or the
+run was killed there); on the owner's own host, whether its process is alive decides at once."""
+
+
+class RunLock:
+    """One run per run directory: `run_dir/lillm.lock` holds the owner's host, pid, the pid's start time and
+    the run's start, and is touched every HEARTBEAT_S seconds. A second run is refused in one line naming the
+    owner. A lock is stale, and taken over with a note, when its owner's process is gone (same host: the pid is
+    not running, or is another process now) or its heartbeat stopped (another host: untouched for STALE_S, for
+    a run directory on a shared filesystem). Taken by rank 0 before anything is written; released at the end."""
+
+    def __init__(self, run_dir: str | os.PathLike, log: Any = None) -> None:
+        self.path = Path(run_dir) / LOCK
+        self.log = log
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._owned = False
+        self._created: list[Path] = []
+
+    @staticmethod
+    def _me() -> dict[str, Any]:
+        import psutil
+
+        return {"host": socket.gethostname(), "pid": os.getpid(), "pid_started": psutil.Process().create_time(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    def acquire(self) -> None:
+        """Take the lock or raise UserError naming the run that holds it."""
+        missing = self.path.parent
+        while not missing.exists() and missing != missing.parent:
+            self._created.append(missing)  # deepest first: removed again if a refusal leaves them empty
+            missing = missing.parent
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{e.filename or self.path.parent}: cannot create the run directory "
+                            f"({e.strerror or e})") from None
+        me = self._me()
+        for _ in range(3):  # a lost race with another starter, or a stale lock taken over
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                owner = self._read()
+                if owner is not None and (owner.get("host"), owner.get("pid"), owner.get("pid_started")) == \
+                        (me["host"], me["pid"], me["pid_started"]):
+                    break  # this process's own (a run that ended without releasing it, in-process)
+                if why := self._stale(owner):
+                    if self.log is not None:
+                        self.log.warning(f"{self.path}: taking over the lock of {self._describe(owner)} ({why})")
+                    with contextlib.suppress(FileNotFoundError):
+                        self.path.unlink()
+                    continue
+                raise UserError(f"{self.path.parent} is in use by {self._describe(owner)} (lock {self.path}): wait "
+                                "for it to end, or choose another --train.run_dir; if that run is gone for good, "
+                                "delete the lock file") from None
+            except OSError as e:
+                raise UserError(f"{self.path}: cannot write the run directory's lock ({e.strerror or e})") from None
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+            break
+        else:
+            raise UserError(f"{self.path}: could not take the run directory's lock (another run keeps taking it)")
+        self._owned = True
+        self._thread = threading.Thread(target=self._heartbeat, name="lillm-run-lock", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        """Remove the lock if this process holds it, and the directories `acquire` made if they are empty."""
+        self._stop.set()
+        if self._owned:
+            self._owned = False
+            owner = self._read()
+            if owner is not None and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+        for d in self._created:  # a run refused after taking the lock leaves no empty directory behind
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        self._created = []
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+    def _read(self) -> dict[str, Any] | None:
+        try:
+            owner = json.loads(self.path.read_text())
+            return owner if isinstance(owner, dict) else None
+        except (OSError, ValueError):
+            return None
+
+    def _stale(self, owner: dict[str, Any] | None) -> str:
+        """Why the lock's owner is gone ('' while it may be alive)."""
+        import psutil
+
+        try:
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return "it was just released"
+        if owner is None:
+            # Unreadable: a starter between creating and writing it, or damage; only an old one is stale.
+            return f"an unreadable lock untouched for {age:.0f} s" if age > STALE_S else ""
+        if owner.get("host") == socket.gethostname():
+            try:
+                proc = psutil.Process(int(owner.get("pid", -1)))
+                if abs(proc.create_time() - float(owner.get("pid_started", 0))) > 1.0:
+                    return "its pid now belongs to another process"
+                if proc.status() == psutil.STATUS_ZOMBIE:
+                    return "its process has exited"
+                return ""
+            except (psutil.NoSuchProcess, ValueError, TypeError):
+                return "its process is gone"
+            except psutil.Error:
+                return ""
+        return f"no heartbeat for {age:.0f} s" if age > STALE_S else ""
+
+    @staticmethod
+    def _describe(owner: dict[str, Any] | None) -> str:
+        if owner is None:
+            return "another run"
+        return f"the run of pid {owner.get('pid')} on {owner.get('host')} started {owner.get('started')}"
+
+
+def refuse_fresh_start_over_checkpoints(run_dir: str | os.PathLike, resume: str) -> None:
+    """train.resume none into a directory that holds another run's checkpoints would mix two runs in it (its
+    latest, its run files and metrics): refused, with the ways out."""
+    ckpts = checkpoints_dir(run_dir)
+    if resume != "none" or not ckpts.is_dir():
+        return
+    tags = sorted(p.name for p in ckpts.iterdir() if p.is_dir() and (p / "lillm.json").is_file())
+    if tags or (ckpts / LATEST).is_file():
+        held = ", ".join(tags[-3:]) or LATEST
+        raise UserError(f"train.resume none, but {run_dir} holds another run's checkpoints ({held}): choose another "
+                        f"--train.run_dir, resume it (train.resume auto), or delete {ckpts} to start afresh there")
