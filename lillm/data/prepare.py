@@ -261,16 +261,19 @@ def prepare(
     manifest = _manifest(settings, source, tok, dtype, writers, counter)
     write_json_atomic(out / MANIFEST, manifest)
     _clean_leftovers(out, {s["file"] for w in writers.values() for s in w.shards})
-    elapsed = time.time() - counter.start
-    print(
-        f"prepared {source.stats['documents']:,} documents, {counter.tokens:,} tokens "
-        f"(train {manifest['splits']['train']['tokens']:,}, val {manifest['splits']['val']['tokens']:,}) "
-        f"in {elapsed:.1f}s: {counter.bytes / elapsed / 1e6:.2f} MB/s"
-        + (f"; {source.stats['replaced_documents']} document(s) had undecodable bytes replaced"
-           if source.stats["replaced_documents"] else "")
-        + (f"; {source.stats['empty_files']} empty file(s) skipped" if source.stats.get("empty_files") else "")
-    )
+    print(_done_line(source.stats, manifest, counter))
     return manifest
+
+
+def _done_line(stats: dict[str, int], manifest: dict[str, Any], counter: _Counter) -> str:
+    """prepare's last line: what it made, how fast, and what the source left out or changed."""
+    elapsed = time.time() - counter.start
+    return (f"prepared {stats['documents']:,} documents, {counter.tokens:,} tokens "
+            f"(train {manifest['splits']['train']['tokens']:,}, val {manifest['splits']['val']['tokens']:,}) "
+            f"in {elapsed:.1f}s: {counter.bytes / elapsed / 1e6:.2f} MB/s"
+            + (f"; {stats['replaced_documents']} document(s) had undecodable bytes replaced"
+               if stats["replaced_documents"] else "")
+            + (f"; {stats['empty_files']} empty file(s) skipped" if stats.get("empty_files") else ""))
 
 
 def _check_options(shard_tokens: int, num_workers: int, val_fraction: float) -> None:
