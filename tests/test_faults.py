@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -91,9 +92,14 @@ def ranks_of(run_dir: Path) -> list[int]:
 
 
 def run_cli(argv: list[str]) -> tuple[int, list[str]]:
-    """`lillm ARGV` in-process: (exit code, non-empty stderr lines)."""
+    """`lillm ARGV` in-process: (exit code, non-empty stderr lines). A training command's exit tears down the
+    process group, which in-process tests of the session share: kept here."""
+    import torch.distributed as dist
+
     err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), \
+            pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dist, "destroy_process_group", lambda: None)
         try:
             cli.main(argv)
             code = 0
@@ -138,15 +144,55 @@ def test_fault_01_a_dead_builders_op_lock_never_blocks_and_a_live_ones_wait_is_b
         held.truncate()
         held.write("pid 4242 on buildhost since 12:00:00")
         held.flush()
-        env = {**ENV, "TORCH_EXTENSIONS_DIR": str(extensions), "LILLM_OP_BUILD_WAIT_S": "4"}
+        env = {**ENV, "TORCH_EXTENSIONS_DIR": str(extensions), "LILLM_OP_BUILD_WAIT_S": "14"}
         started = time.time()
         r = subprocess.run([sys.executable, *train_args(pretrain_shards, tmp_path / "run2", 1)], cwd=REPO,
                            capture_output=True, text=True, timeout=120, env=env)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and time.time() - started < 60, r.stderr[-3000:]
     assert lines[-1].startswith("pretrain: error: waited") and "held by pid 4242 on buildhost" in lines[-1], lines
-    assert lines[0].startswith("lillm: waiting 0 s so far for a DeepSpeed op build by pid 4242"), lines
+    assert lines[0].startswith("lillm: waiting 10 s so far for a DeepSpeed op build by pid 4242"), lines
     assert "Traceback" not in r.stderr and not (tmp_path / "run2").exists()
+
+
+def test_fault_02_shards_changed_under_a_resume_are_refused_unless_allowed(process_group, pretrain_shards, tmp_path,
+                                                                         capfd):
+    """A shard's tokens shuffled in place (same size, the manifest untouched) after a save: the resume is refused
+    in one line naming the shard, and goes on with --data.allow_changed true. Random bytes of the same size
+    (ids outside the vocabulary) name the shard and the offset of the first bad id, from a DataLoader worker."""
+    import shutil
+
+    import numpy as np
+
+    from lillm.errors import UserError
+    from lillm.train import pretrain
+
+    data = tmp_path / "data"
+    shutil.copytree(pretrain_shards, data)
+
+    def build(steps: int, *extra: str):
+        cfg, yaml = pretrain.parse_config([*train_args(data, tmp_path / "run", steps)[1:], "--train.tensorboard",
+                                           "false", "--data.num_workers", "1", *extra])
+        return pretrain.build(cfg, yaml)
+
+    assert build(2).fit() == 0
+    shard = sorted(data.glob("train-*.bin"))[1]
+    tokens = np.fromfile(shard, dtype=np.uint16)
+    np.random.default_rng(0).shuffle(tokens)
+    tokens.tofile(shard)
+    with pytest.raises(UserError, match=f"{shard}: its bytes differ from when the checkpoint was saved .* set "
+                                        "--data.allow_changed true"):
+        build(4)
+    assert build(4, "--data.allow_changed", "true").fit() == 0
+
+    for f in data.glob("train-*.bin"):
+        f.write_bytes(np.random.default_rng(1).integers(0, 2**16, f.stat().st_size // 2, dtype=np.uint16).tobytes())
+    trainer = build(6, "--data.allow_changed", "true")
+    capfd.readouterr()
+    assert trainer.fit() == 2
+    said = capfd.readouterr()
+    assert re.search(r"error: \S+/train-\S+\.bin: token \d+ at offset [\d,]+ is outside the vocabulary of 1024: the "
+                     r"shard is damaged", said.out + said.err), (said.out + said.err)[-2000:]
 
 
 def test_fault_03_a_second_run_into_a_busy_run_directory_is_refused_naming_the_owner(pretrain_shards, tmp_path):

@@ -24,6 +24,10 @@ class DataConfig:
     """DataLoader worker processes per rank (0 reads in the training process)."""
     verify: bool = False
     """Check every shard's sha256 against the manifest before training."""
+    allow_changed: bool = False
+    """Resume even though the shards' bytes differ from those the checkpoint was trained on (a resume checks a
+    digest of the manifest and of a few sampled KB per shard, and refuses a change); the stream keeps its
+    position."""
 
     def __post_init__(self) -> None:
         if self.num_workers < 0:

@@ -22,7 +22,7 @@ BUILD_LOCK = "lillm-build.lock"
 dies with its holder, so a killed builder never blocks a later launch. The file records the holder."""
 WAIT_ENV = "LILLM_OP_BUILD_WAIT_S"
 WAIT_S = 900.0  # building DeepSpeed's CPU op takes about 2 minutes on 2 cores; a holder past this is stuck
-REPORT_EVERY_S = 30.0
+REPORT_EVERY_S = 10.0  # a wait is reported after this, and again as often (a sibling rank's load takes ~1 s)
 
 
 def use_venv_extensions_dir(announce: bool = True) -> None:
@@ -63,7 +63,7 @@ def build_lock(root: str, wait_s: float | None = None) -> Iterator[None]:
     path = os.path.join(root, BUILD_LOCK)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        start, last_report = time.monotonic(), -REPORT_EVERY_S  # the first wait is reported at once
+        start = last_report = time.monotonic()
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

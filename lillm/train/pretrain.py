@@ -140,7 +140,7 @@ def task(cfg: RunConfig) -> Task:
     def make_objective(process: Process, plan: BatchPlan, engine: Any) -> LanguageModeling:
         loader = PretrainLoader(shards, plan.seq_len, plan.micro_batch_size, process.rank, process.world,
                                 seed=train.seed, shuffle=cfg.data.shuffle, num_workers=cfg.data.num_workers,
-                                pin_memory=process.device.type == "cuda")
+                                pin_memory=process.device.type == "cuda", allow_changed=cfg.data.allow_changed)
         return LanguageModeling(loader, val_shards, tokenizer, model_cfg, train, plan, process)
 
     def describe(trainer: Trainer) -> str:
