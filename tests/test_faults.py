@@ -300,6 +300,38 @@ def test_fault_05_a_yaml_key_written_twice_is_refused_naming_the_file_key_and_li
     assert code == 2 and "duplicate key 'n_layers'" in lines[0], lines
 
 
+def test_fault_06_same_size_damage_to_a_large_checkpoint_file_is_found_and_passed_over(process_group, pretrain_shards,
+                                                                                       tmp_path, monkeypatch, capfd):
+    """Large files (here: anything over 1 KiB) are recorded with a sampled sha256. Random bytes of the same size
+    in the latest tag's optimizer shard: `lillm checkpoint` and `generate` name the file (and the intact tag to
+    use) in one line, exit 2; an auto resume passes over it to the previous tag."""
+    from lillm import runs
+    from lillm.train import pretrain
+
+    monkeypatch.setattr(runs, "SMALL_FILE", 1024)
+    run_dir = tmp_path / "run"
+    cfg, yaml = pretrain.parse_config([*train_args(pretrain_shards, run_dir, 2)[1:], "--train.tensorboard", "false",
+                                       "--train.ckpt_interval", "1"])
+    assert pretrain.build(cfg, yaml).fit() == 0
+    meta = json.loads((run_dir / "checkpoints/step_00000002/lillm.json").read_text())
+    shard = next((run_dir / "checkpoints/step_00000002").glob("*optim_states.pt"))
+    assert "sampled_sha256" in meta["files"][shard.name]
+    shard.write_bytes(os.urandom(shard.stat().st_size))
+    for argv in (["checkpoint", str(run_dir)], ["generate", str(run_dir), "x", "--max_new_tokens", "2"],
+                 ["export", str(run_dir), str(tmp_path / "export")]):
+        code, lines = run_cli(argv)
+        assert code == 2 and len(lines) == 1, lines
+        assert f"{shard}: contents changed since it was saved (same size, sampled sha256 mismatch); the newest " \
+               f"intact checkpoint of this run is {run_dir / 'checkpoints/step_00000001'}" in lines[0], lines
+    assert not (tmp_path / "export").exists()
+    cfg, yaml = pretrain.parse_config([*train_args(pretrain_shards, run_dir, 3)[1:], "--train.tensorboard", "false"])
+    capfd.readouterr()
+    trainer = pretrain.build(cfg, yaml)
+    said = capfd.readouterr()
+    assert "the latest checkpoint step_00000002 is damaged" in said.out + said.err and trainer.progress.step == 1
+    assert trainer.fit() == 0
+
+
 def test_fault_07_08_sigterm_mid_evaluation_and_sighup_save_then_exit(pretrain_shards, tmp_path):
     """7: a SIGTERM to every process of the job while a long evaluation runs (100,000 validation batches: minutes)
     cuts the evaluation short and saves the step within seconds, well inside the 30 s DeepSpeed's launcher
