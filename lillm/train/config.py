@@ -113,6 +113,10 @@ class TrainConfig:
     max_bad_steps: int = 0
     """Micro-batches with a NaN/inf loss (on any rank) to skip before stopping; 0 stops at the first. A skipped
     micro-batch adds no gradient on the rank that had it."""
+    watchdog_s: float = 600.0
+    """End the job, naming the rank that stopped, when a rank makes no progress for this long, or for 20x the
+    slowest step, evaluation or save measured so far if that is longer (a rank stopped or hung would otherwise
+    hold the others in a collective forever); 0 disables."""
     tensorboard: bool = True
     """Write TensorBoard events under run_dir/tensorboard/<run_dir's name>."""
     verbose: bool = False
@@ -130,6 +134,8 @@ class TrainConfig:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_steps == 0 and self.max_tokens == 0:
             problems.append("set max_steps or max_tokens")
+        if self.watchdog_s < 0:
+            problems.append(f"watchdog_s must be >= 0 (0 disables), got {self.watchdog_s}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             problems.append(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr} min_lr={self.min_lr}")
         if not 0 < self.decay_fraction <= 1:

@@ -30,6 +30,7 @@ from lillm.train.dist import Process, StopFlag, all_reduce
 from lillm.train.metrics import MetricsWriter, detect_peak_tflops, format_duration
 from lillm.train.rundir import RunLock
 from lillm.train.schedule import apply_lr
+from lillm.train.watchdog import Watchdog
 
 AGREE_EVERY = 10
 ETA_WINDOWS = 5  # log intervals the ETA's pace is taken over
@@ -245,6 +246,7 @@ class Trainer:
         self._bar: Any = None
         self._finite: torch.Tensor | None = None  # with gradient gates: is the current micro-batch's loss finite
         self.run_lock: RunLock | None = None  # rank 0's hold on the run directory, released when fit ends
+        self._watchdog = Watchdog(process.rank, process.world, train.watchdog_s)  # watches fit() for hung ranks
 
     @property
     def device(self) -> torch.device:
@@ -263,6 +265,7 @@ class Trainer:
         self._bar = tqdm(total=plan.max_steps, initial=progress.step, desc=self.objective.name, unit="step",
                          disable=self.process.rank != 0, dynamic_ncols=True, mininterval=2.0, file=sys.stderr)
         gates = self._gate_gradients() if train.max_bad_steps > 0 else []
+        self._watchdog.start()
         try:
             while progress.step < plan.max_steps:
                 self.hooks.before_step(self)
@@ -290,6 +293,7 @@ class Trainer:
             log.error(f"error: {e}")
             exit_code = 2
         finally:
+            self._watchdog.stop()
             for gate in gates:
                 gate.remove()
             stop.close()
@@ -342,6 +346,7 @@ class Trainer:
         self.objective.begin_step(micro)
         tokens, losses, step_loss = 0, [], 0.0
         for batch in micro:
+            self._watchdog.beat(self.progress.step, "training")
             tokens += self.objective.num_tokens(batch)
             loss = self.objective.loss(self.engine, batch.to(self.device, non_blocking=True))
             if self._finite is not None:
@@ -439,7 +444,7 @@ class Trainer:
         requested meanwhile cuts it short (`StopAware`): the partial scores are dropped and False is returned
         on every rank, so that the run saves at once."""
         step, log = self.progress.step, self.process.log
-        model = StopAware(self.engine, stop.requested)
+        model = StopAware(self.engine, stop.requested, lambda: self._watchdog.beat(step, "evaluation"))
         self.engine.eval()
         with torch.no_grad():
             vals = self.objective.evaluate(model)
@@ -461,7 +466,9 @@ class Trainer:
         return True
 
     def _save(self) -> None:
+        self._watchdog.beat(self.progress.step, "saving")
         path = self.checkpoint.save(self.progress.step)
+        self._watchdog.beat(self.progress.step, "training")
         self._state.last_saved = str(path)
         self.process.log.info(f"saved checkpoint {path}")
 
@@ -478,13 +485,14 @@ class StopAware:
     forward pass returns zero logits of the right shape instead of computing: the evaluation loops, and the
     collectives that sum their results, then run to their end in moments on every rank in the same order, and
     the run saves well inside the launcher's grace period (30 s before it kills a rank). Anything else is the
-    engine's. `cut` tells whether this evaluation was cut short."""
+    engine's. `cut` tells whether this evaluation was cut short; `beat` is called on every forward pass."""
 
-    def __init__(self, engine: Any, requested: Callable[[], bool]) -> None:
-        self._engine, self._requested = engine, requested
+    def __init__(self, engine: Any, requested: Callable[[], bool], beat: Callable[[], None]) -> None:
+        self._engine, self._requested, self._beat = engine, requested, beat
         self.cut = False
 
     def __call__(self, ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._beat()  # progress, for the watchdog
         if self.cut or self._requested():
             self.cut = True
             vocab = self._engine.module.config.vocab_size
