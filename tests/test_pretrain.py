@@ -354,7 +354,6 @@ def test_a_rank_that_crashes_mid_training_ends_the_job_within_seconds(data, tmp_
     r = launch(forged, run_dir, 400, "--data.num_workers", "2", "--train.ckpt_interval", "1000", timeout=300)
     elapsed = time.time() - start
     assert r.returncode != 0 and f"{shard}: token 65535 at offset" in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
-    assert "Traceback" not in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
     assert elapsed < 150 and not _rank_pids(run_dir, with_workers=True), elapsed
     assert max(losses(run_dir), default=0) < 400  # it did stop early
 
