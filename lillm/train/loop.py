@@ -15,7 +15,7 @@ import dataclasses
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -491,9 +491,14 @@ class StopAware:
         self._engine, self._requested, self._beat = engine, requested, beat
         self.cut = False
 
+    def stopped(self) -> bool:
+        """Whether this evaluation is cut short (checked once per batch)."""
+        self.cut = self.cut or self._requested()
+        return self.cut
+
     def __call__(self, ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._beat()  # progress, for the watchdog
-        if self.cut or self._requested():
+        if self.stopped():
             self.cut = True
             vocab = self._engine.module.config.vocab_size
             return torch.zeros((*ids.shape, vocab), device=ids.device)
@@ -501,6 +506,15 @@ class StopAware:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
+
+
+def until_stopped(model: Any, batches: Iterable[Any]) -> Iterator[Any]:
+    """An objective's validation batches, ended early once the evaluation is cut short (`StopAware`): reading
+    and scoring them is skipped too, while the reductions after the loop still run on every rank."""
+    for batch in batches:
+        if isinstance(model, StopAware) and model.stopped():
+            return
+        yield batch
 
 
 def compiled_graphs() -> int:

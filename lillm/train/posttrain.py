@@ -40,7 +40,7 @@ from lillm.train.checkpoint import RunIdentity
 from lillm.train.config import BatchPlan, TrainConfig, new_parser, parse, resolve_seq_len
 from lillm.train.dist import Process, all_reduce, run_training, to_device
 from lillm.train.ds_config import load_ds_config, resolve_ds_config
-from lillm.train.loop import Objective, Trainer, perplexity
+from lillm.train.loop import Objective, Trainer, perplexity, until_stopped
 from lillm.train.loss import preference_loss, sequence_logps, token_loss
 
 TaskName = Literal["sft", "dpo"]
@@ -158,7 +158,7 @@ class SFT(ChatObjective):
 
     def evaluate(self, engine: Any) -> dict[str, float]:
         total, count = 0.0, 0
-        for batch in self.val_batches():
+        for batch in until_stopped(engine, self.val_batches()):
             batch = batch.to(self.device)
             total += float(token_loss(engine(batch.inputs), batch.targets, 1.0))
             count += batch.num_targets
@@ -219,7 +219,7 @@ class DPO(ChatObjective):
 
     def evaluate(self, engine: Any) -> dict[str, float]:
         sums = dict.fromkeys(DPO_SUMS, 0.0)  # all keys even on a rank without validation pairs
-        for batch in self.val_batches():
+        for batch in until_stopped(engine, self.val_batches()):
             _, s = self.terms(engine, batch.to(self.device))
             sums = {k: sums[k] + s[k] for k in DPO_SUMS}
         return self.mean_scalars(sums, "val")

@@ -28,7 +28,7 @@ from lillm.train.checkpoint import RunIdentity
 from lillm.train.config import BatchPlan, DataConfig, TrainConfig, new_parser, parse, resolve_seq_len
 from lillm.train.dist import Process, all_reduce, run_training
 from lillm.train.ds_config import load_ds_config, resolve_ds_config
-from lillm.train.loop import Objective, Trainer, perplexity
+from lillm.train.loop import Objective, Trainer, perplexity, until_stopped
 from lillm.train.loss import token_loss
 
 
@@ -91,8 +91,9 @@ class LanguageModeling(Objective):
     def evaluate(self, engine: Any) -> dict[str, float]:
         """Mean loss, perplexity and bits per byte over the fixed validation windows (summed over ranks)."""
         score = Score()
-        for batch in validation_windows(self.val_shards, self.plan.seq_len, self.plan.micro_batch_size,
-                                        self.train.eval_batches, self.process.rank, self.process.world):
+        windows = validation_windows(self.val_shards, self.plan.seq_len, self.plan.micro_batch_size,
+                                     self.train.eval_batches, self.process.rank, self.process.world)
+        for batch in until_stopped(engine, windows):
             score += score_windows(engine, batch.to(self.device), self.byte_table)
         total = Score(*all_reduce([score.nats, score.tokens, score.bytes], self.device))
         return {"val/loss": total.loss, "val/perplexity": perplexity(total.loss), "val/bpb": total.bits_per_byte}
