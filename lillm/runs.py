@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from lillm.errors import UserError
+from lillm.files import sampled_sha256
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 META = "lillm.json"
@@ -64,19 +65,7 @@ def read_meta(tag_dir: Path) -> dict[str, Any]:
 
 
 SMALL_FILE = 4 << 20  # files up to this size get a full sha256 in the integrity record; larger ones a sampled one
-SAMPLES, SAMPLE_BYTES = 16, 64 << 10
-
-
-def sampled_sha256(path: Path, size: int) -> str:
-    """sha256 of a file's size and SAMPLES blocks of SAMPLE_BYTES at evenly spaced offsets (the first at 0, the
-    last ending at the end): a 1 MiB read whatever the size. Same-size damage to a whole file (a copy gone
-    wrong, a file overwritten) shows; a few bytes flipped between the samples do not."""
-    h = hashlib.sha256(size.to_bytes(8, "little"))
-    with open(path, "rb") as fh:
-        for i in range(SAMPLES):
-            fh.seek(max(0, size - SAMPLE_BYTES) * i // (SAMPLES - 1))
-            h.update(fh.read(SAMPLE_BYTES))
-    return h.hexdigest()
+SAMPLES, SAMPLE_BYTES = 16, 64 << 10  # a larger file's record hashes 1 MiB of it (`lillm.files.sampled_sha256`)
 
 
 def file_record(tag_dir: Path) -> dict[str, dict[str, Any]]:
@@ -91,7 +80,7 @@ def file_record(tag_dir: Path) -> dict[str, dict[str, Any]]:
             if size <= SMALL_FILE:
                 entry["sha256"] = hashlib.sha256(p.read_bytes()).hexdigest()
             else:
-                entry["sampled_sha256"] = sampled_sha256(p, size)
+                entry["sampled_sha256"] = sampled_sha256(p, SAMPLES, SAMPLE_BYTES)
             out[p.relative_to(tag_dir).as_posix()] = entry
     return out
 
@@ -112,7 +101,7 @@ def checkpoint_problem(tag_dir: Path) -> str | None:
             return f"{f}: {size} bytes, {want['size']} when saved (truncated or changed)"
         if "sha256" in want and hashlib.sha256(f.read_bytes()).hexdigest() != want["sha256"]:
             return f"{f}: contents changed since it was saved (sha256 mismatch)"
-        if "sampled_sha256" in want and sampled_sha256(f, size) != want["sampled_sha256"]:
+        if "sampled_sha256" in want and sampled_sha256(f, SAMPLES, SAMPLE_BYTES) != want["sampled_sha256"]:
             return f"{f}: contents changed since it was saved (same size, sampled sha256 mismatch)"
     return None
 

@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lillm.data.prepare import verify
 from lillm.errors import UserError
+from lillm.files import sampled_sha256
 from lillm.tokenizer import Tokenizer
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -104,18 +105,18 @@ class ShardSet:
 
     def identity(self) -> dict[str, Any]:
         """What the split's bytes are, cheaply, for a resume to check that they did not change: a digest of
-        the manifest's shard list (names, token counts, sha256 from `prepare`) and, per shard, a digest of
-        SAMPLE_BYTES read at SAMPLE_AT fractions of it (its size included). Rewritten shards, and same-size
+        the manifest's shard list (names, token counts, sha256 from `prepare`) and, per shard, a sampled sha256
+        (its size and SHARD_SAMPLES blocks of SHARD_SAMPLE_BYTES). Rewritten shards, and same-size
         damage to bytes that are sampled, show; a full check is `lillm shards DIR --verify true`. A few
         reads per shard: milliseconds for an 8B-token directory of 120 shards."""
         shards = self.manifest["splits"][self.split]["shards"]
         listed = hashlib.sha256(json.dumps([[s["file"], s["tokens"], s["sha256"]] for s in shards]).encode())
         return {"manifest": listed.hexdigest()[:32],
-                "samples": {s["file"]: sampled_digest(f) for s, f in zip(shards, self.files)}}
+                "samples": {s["file"]: sampled_sha256(f, SHARD_SAMPLES, SHARD_SAMPLE_BYTES)
+                            for s, f in zip(shards, self.files)}}
 
-    def check_identity(self, saved: dict[str, Any]) -> None:
-        """Refuse, in one line, a split whose identity differs from `saved` (`identity()` when it was saved)."""
-        now = self.identity()
+    def check_identity(self, saved: dict[str, Any], now: dict[str, Any]) -> None:
+        """Refuse, in one line, a split whose identity `now` differs from `saved` (each an `identity()`)."""
         if saved.get("manifest") != now["manifest"]:
             raise UserError(f"the {self.split} shards listed in {self.data_dir / 'manifest.json'} are not those "
                             "the checkpoint was trained on (prepared again, or another directory)")
@@ -133,20 +134,7 @@ class ShardSet:
         return {**self.__dict__, "_maps": None}
 
 
-SAMPLE_AT = (0.0, 0.25, 0.5, 0.75, 1.0)
-SAMPLE_BYTES = 4096
-
-
-def sampled_digest(path: Path) -> str:
-    """A digest of a file's size and SAMPLE_BYTES at each of SAMPLE_AT (fractions of the file; 1.0 is its end)."""
-    h = hashlib.blake2b(digest_size=8)
-    size = path.stat().st_size
-    h.update(size.to_bytes(8, "little"))
-    with open(path, "rb") as fh:
-        for frac in SAMPLE_AT:
-            fh.seek(max(0, min(int(size * frac), size - SAMPLE_BYTES)))
-            h.update(fh.read(SAMPLE_BYTES))
-    return h.hexdigest()
+SHARD_SAMPLES, SHARD_SAMPLE_BYTES = 5, 4096  # a shard's identity reads 20 KB of it, at 0, 1/4, 1/2, 3/4 and the end
 
 
 class PackedWindows(IterableDataset):
@@ -187,7 +175,7 @@ class PackedWindows(IterableDataset):
         tokens = self.shards.maps()[s][off : off + self.seq_len + 1]
         if int(tokens.max()) >= self.shards.vocab_size:
             at = off + int(np.argmax(tokens >= self.shards.vocab_size))
-            raise UserError(f"{self.shards.files[s]}: token {int(self.shards.maps()[s][at])} at offset {at:,} is "
+            raise UserError(f"{self.shards.files[s]}: token {int(tokens[at - off])} at offset {at:,} is "
                             f"outside the vocabulary of {self.shards.vocab_size}: the shard is damaged (check it "
                             f"with `lillm shards {self.shards.data_dir} --verify true`)")
         return tokens
@@ -314,7 +302,7 @@ class PretrainLoader:
                 )
         if "data" in state and not self.allow_changed:  # checkpoints from before the record are not checked
             try:
-                self.shards.check_identity(state["data"])
+                self.shards.check_identity(state["data"], self.data_identity)
             except UserError as e:
                 raise UserError(f"cannot resume the data stream: {e}; to resume on this data anyway, at the same "
                                 "position in it, set --data.allow_changed true") from None
