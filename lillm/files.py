@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -25,7 +26,9 @@ def read_json(path: str | os.PathLike, missing: str) -> Any:
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a file so that readers see the old content or the new, never a partial one."""
+    """Write a file so that readers see the old content or the new, never a partial one, and so that it is on
+    the disk when this returns: the content is fsynced before the rename, the directory after it (without the
+    second, a power loss can undo the rename)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as fh:
@@ -33,6 +36,42 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a file's data and metadata to the disk. Any descriptor of the file does: the kernel writes back
+    the inode's dirty pages whoever wrote them, so a file another library wrote and closed is synced here."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a directory's entries (files created, renamed or removed in it) to the disk. Filesystems that
+    cannot sync a directory (some network mounts) refuse with EINVAL/ENOTSUP; their entries are durable by
+    their own protocol, so that is not an error."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """fsync every file under `root`, then every directory, deepest first (see `fsync_file`, `fsync_dir`)."""
+    dirs = []
+    for here, _, files in os.walk(root):
+        dirs.append(here)
+        for name in files:
+            fsync_file(os.path.join(here, name))
+    for here in reversed(dirs):
+        fsync_dir(here)
 
 
 def save_safetensors(tensors: dict[str, Any], path: str | os.PathLike) -> None:

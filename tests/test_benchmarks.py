@@ -56,3 +56,14 @@ def test_learning_benchmark_smoke(tmp_path):
         assert 2.0 < summary[arm]["val_bpb"]["mean"] < 4.0
     assert len(list((tmp_path / "cache").glob("*.json"))) == 6  # the finals came from the sweep's cache
     assert "| d128 | 0.89M | 0.02M | lillm-muon |" in r.stdout and "tokens to reference's loss" in r.stdout
+
+
+def test_checkpoint_save_benchmark_smoke(tmp_path):
+    """benchmarks/checkpoint_save.py: both arms save a real ZeRO-2 engine and the JSON has both timings."""
+    out = tmp_path / "save.json"
+    r = subprocess.run([sys.executable, "benchmarks/checkpoint_save.py", "--preset", "debug", "--repeats", "1",
+                        "--dir", str(tmp_path), "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["tag_bytes"] > 0 and result["durable"]["n"] == result["unsynced"]["n"] == 1

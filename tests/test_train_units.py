@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,57 @@ def test_disk_full_during_save_keeps_previous_checkpoint(tmp_path):
     assert (tmp_path / "checkpoints/latest").read_text() == "step_00000005"
     assert not (tmp_path / "checkpoints/step_00000010").exists()
     assert resolve_checkpoint("auto", tmp_path).name == "step_00000005"
+
+
+class _RankedEngine(_FailingEngine):
+    """Writes the files DeepSpeed's ZeRO-2 save writes: rank 0's model states and two ranks' optimizer
+    partitions (as if this process were rank 0 and rank 1 had already written its own)."""
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest, exclude_frozen_parameters=False):
+        d = Path(save_dir) / tag
+        d.mkdir(parents=True)
+        torch.save(client_state, d / "mp_rank_00_model_states.pt")
+        for r in (0, 1):
+            torch.save({"r": r}, d / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+
+
+def test_save_reaches_the_disk_before_latest_moves(tmp_path, monkeypatch):
+    # Every file this rank wrote, the tag's directory and its parent are fsynced before `latest` is replaced,
+    # and `latest`'s directory after; the other rank's partition is left to that rank.
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b)))
+    Checkpoint(tmp_path, IDENTITY, "a: 1\n", keep=2, rank=0, world_size=2, engine=_RankedEngine()).save(5)
+    ck, tag = tmp_path / "checkpoints", tmp_path / "checkpoints/step_00000005"
+    moved = events.index(("replace", str(ck / "latest")))
+    synced_before = {p for kind, p in events[:moved] if kind == "fsync"}
+    mine = {str(f) for f in tag.iterdir() if "pp_rank_1_" not in f.name and f.name != "lillm.json"}
+    mine.add(str(tag / "lillm.json.tmp"))  # synced under its temporary name, then renamed
+    assert mine <= synced_before, mine - synced_before
+    assert str(tag / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt") not in synced_before
+    assert {str(tag), str(ck)} <= synced_before
+    assert ("fsync", str(ck)) in events[moved + 1:]
+    # The tag's files are synced before its lillm.json names it complete.
+    assert events.index(("replace", str(tag / "lillm.json"))) > max(
+        i for i, e in enumerate(events) if e == ("fsync", str(tag / "mp_rank_00_model_states.pt")))
+
+
+def test_a_failed_fsync_fails_the_save_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    Checkpoint(tmp_path, IDENTITY, "a: 1\n", keep=2, rank=0, world_size=1, engine=_Engine()).save(5)
+    real_fsync = os.fsync
+
+    def failing(fd):
+        if "step_00000010/mp_rank_00" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(UserError, match=r"Input/output error.*step_00000005\) is intact"):
+        Checkpoint(tmp_path, IDENTITY, "a: 1\n", keep=2, rank=0, world_size=1, engine=_Engine()).save(10)
+    assert (tmp_path / "checkpoints/latest").read_text() == "step_00000005"
+    assert not (tmp_path / "checkpoints/step_00000010").exists()
 
 
 def test_keep_last_k_and_resolution(tmp_path):

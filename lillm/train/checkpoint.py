@@ -8,8 +8,10 @@
 - `Checkpoint`: made with the engine and the run's stateful parts (loader, progress); `restore(plan)` once,
   then `save(step)` at every checkpoint step.
 
-Saving is all-or-nothing: every rank writes its shard, rank 0 writes `lillm.json` last and only then moves
-`latest`, so a crash mid-save leaves the previous checkpoint in charge. The layout is in `lillm.runs`.
+Saving is all-or-nothing and durable: every rank writes its shard and fsyncs the files it wrote; rank 0 then
+writes `lillm.json`, syncs the tag's directory and its parent, and only then moves `latest` (synced too). A
+crash or a power loss at any moment leaves either the new checkpoint on the disk whole or the previous one in
+charge, never a `latest` naming files still in memory. The layout is in `lillm.runs`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -29,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from lillm.errors import UserError
-from lillm.files import save_safetensors, write_atomic
+from lillm.files import fsync_dir, fsync_file, fsync_tree, save_safetensors, write_atomic
 from lillm.lora import lora_state_dict
 from lillm.runs import (
     ADAPTER,
@@ -92,7 +95,9 @@ def convert_to_universal(tag_dir: Path) -> Path:
         raise UserError(f"converting {tag_dir} to the universal format failed:\n{r.stderr[-2000:]}")
     meta = {k: v for k, v in read_meta(tag_dir).items() if k != "files"}  # other files than the original's
     write_atomic(tmp / META, json.dumps(meta, indent=2))
+    fsync_tree(tmp)  # on the disk before its name says it is complete
     os.replace(tmp, out)
+    fsync_dir(out.parent)
     return out
 
 
@@ -211,6 +216,17 @@ def plan_resume(spec: str, run_dir: str | os.PathLike, identity: RunIdentity, wo
                       "re-partitioning its Muon and AdamW states",), warnings)
 
 
+_RANK_IN_NAME = re.compile(r"(?:pp_rank_|rng_rank)(\d+)")
+
+
+def _writer_rank(name: str) -> int:
+    """Which rank wrote a checkpoint file: DeepSpeed's optimizer partitions (`*zero_pp_rank_R_*`) and lillm's
+    RNG states (`rng_rankR.pt`) are each rank's own; the model states, `config.yaml` and an adapter are rank
+    0's. Each rank syncs what it wrote, so a run directory on node-local disks is synced too."""
+    m = _RANK_IN_NAME.search(name)
+    return int(m.group(1)) if m else 0
+
+
 class Checkpoint:
     """Saves and restores a run: DeepSpeed's engine (module, optimizer), the named stateful parts, each rank's
     RNG and the run's identity; keeps the last `keep` checkpoints."""
@@ -273,6 +289,9 @@ class Checkpoint:
             torch.save(rng_state(), tag_dir / f"rng_rank{self.rank}.pt")
             if self.rank == 0:
                 self._write_extras(tag_dir)
+            for f in sorted(tag_dir.iterdir()):  # this rank's files reach the disk before the tag counts
+                if f.is_file() and _writer_rank(f.name) == self.rank:
+                    fsync_file(f)
         except (OSError, RuntimeError) as e:  # disk full, permissions, a failed collective write
             error = f"{type(e).__name__}: {e}"
         ok = torch.tensor([0 if error else 1], dtype=torch.int64)
@@ -288,7 +307,8 @@ class Checkpoint:
         if self.rank == 0:
             meta = {**self.identity.to_dict(), "step": step, "world_size": self.world_size,
                     "files": file_record(tag_dir)}
-            write_atomic(tag_dir / META, json.dumps(meta, indent=2))
+            write_atomic(tag_dir / META, json.dumps(meta, indent=2))  # synced, and the tag's directory with it
+            fsync_dir(self.dir)  # the tag's own entry
             write_atomic(self.dir / LATEST, tag)
             self._prune(tag)
         if dist.is_initialized():
