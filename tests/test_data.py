@@ -72,6 +72,30 @@ def test_shards_are_deterministic_whatever_the_workers(prepared, corpus, tokeniz
         assert hashes[0] == hashes[1] == hashes[2] and hashes[0]
 
 
+@pytest.mark.parametrize("how", ["script", "module"])
+def test_prepare_with_workers_from_an_unguarded_script(prepared, corpus, tokenizer_dir, tmp_path, how):
+    # A script that calls prepare(num_workers=2) at its top level, with no `if __name__ == "__main__":`, run
+    # as a file and with -m: spawned workers used to run it again and the pool waited forever. It finishes,
+    # with the same shards as the fixture's.
+    root, _ = corpus
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "unguarded.py").write_text(
+        "from lillm.data.prepare import prepare\n"
+        "from lillm.data.sources import open_source\n"
+        f"prepare(open_source({str(root / 'docs.jsonl')!r}), {str(tokenizer_dir)!r}, {str(tmp_path / 'out')!r}, "
+        "shard_tokens=4096, val_fraction=0.1, num_workers=2, progress=False)\n"
+        "print('finished')\n")
+    cmd = [sys.executable, str(pkg / "unguarded.py")] if how == "script" else [sys.executable, "-m", "pkg.unguarded"]
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(tmp_path)])})
+    assert r.returncode == 0 and r.stdout.count("finished") == 1, r.stderr[-2000:]
+    theirs, ours = read_manifest(prepared), read_manifest(tmp_path / "out")
+    assert [s["sha256"] for s in ours["splits"]["train"]["shards"]] == \
+        [s["sha256"] for s in theirs["splits"]["train"]["shards"]]
+
+
 def test_tokenizer_is_deterministic_and_loads_in_transformers(small_texts, tokenizer_dir, tmp_path):
     again = train_tokenizer(small_texts, vocab_size=1024, progress=False).save(tmp_path)
     assert (again / "tokenizer.json").read_bytes() == (tokenizer_dir / "tokenizer.json").read_bytes()

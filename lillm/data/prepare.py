@@ -15,11 +15,13 @@ files the current manifest does not name are leftovers of an interrupted run and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import multiprocessing as mp
 import os
 import re
 import shutil
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -331,6 +333,31 @@ class _Counter:
             self.bar = None
 
 
+@contextlib.contextmanager
+def _main_not_rerun() -> Iterator[None]:
+    """Start spawned workers without running the caller's main script in them.
+
+    A spawned process normally imports the parent's `__main__` first (by its file, or its module name under
+    `python -m`), so that functions defined there can be unpickled. The encode workers need only this module's
+    functions and lists of strings, and importing a script that calls `prepare` at its top level, with no
+    `if __name__ == "__main__":` guard, would call `prepare` again inside every worker: Python then refuses
+    to start processes from a bootstrapping child, the worker dies, and the pool waits for it forever. Without
+    a file or module name on `__main__` while the workers start, they skip that step, so `prepare` with
+    workers works from any script, guarded or not, and from a notebook."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__spec__ = None
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
+
+
 def _encode_all(batches: Any, writers: dict[str, ShardWriter], counter: _Counter, workers: int, tok_json: str,
                 val_fraction: float, dtype: np.dtype) -> None:
     """Encode every batch into the writers (in source order) and flush them."""
@@ -349,7 +376,9 @@ def _encode_all(batches: Any, writers: dict[str, ShardWriter], counter: _Counter
             consume(_encode(batch, val_fraction, dtype.str))
     else:
         ctx = mp.get_context("spawn")  # no fork: the parent may hold tokenizer threads
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(tok_json,)) as pool:
+        with _main_not_rerun():
+            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tok_json,))
+        with pool:
             # A bounded window of batches in flight keeps memory flat whatever the corpus size.
             pending: deque = deque()
             for batch in batches:
