@@ -10,6 +10,7 @@ Layout under a run directory:
   checkpoints/step_00001000_universal/  made on demand by `ds_to_universal` for another world size
   checkpoints/latest                  the newest complete tag; replaced atomically after every rank wrote
   tokenizer/, config.yaml, ds_config.json, metrics.jsonl
+  data-verified.json                  `--data.verify`'s result: the shards it checked, reused while they stay
   tensorboard/<name>/                 TensorBoard events, <name> the run directory's own name
 
 Both the trainer (which writes checkpoints) and inference loading (which reads them) build on this module;
@@ -32,6 +33,7 @@ TAG_RE = re.compile(r"^step_(\d{8})$")
 META = "lillm.json"
 ADAPTER = "adapter.safetensors"
 LATEST = "latest"
+DATA_VERIFIED = "data-verified.json"
 
 
 def tag_for(step: int) -> str:

@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,6 +95,40 @@ def test_prepare_with_workers_from_an_unguarded_script(prepared, corpus, tokeniz
     theirs, ours = read_manifest(prepared), read_manifest(tmp_path / "out")
     assert [s["sha256"] for s in ours["splits"]["train"]["shards"]] == \
         [s["sha256"] for s in theirs["splits"]["train"]["shards"]]
+
+
+def test_verification_is_shared_by_the_ranks_recorded_and_reused(prepared, tmp_path, monkeypatch):
+    import shutil
+
+    import lillm.data.prepare as prep
+    from lillm.data.loader import verify_once
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared, data)
+    hashed = []
+    real = prep.file_sha256
+    monkeypatch.setattr(prep, "file_sha256", lambda f: (hashed.append(Path(f).name), real(f))[1])
+    shards = sorted(s["file"] for split in read_manifest(data)["splits"].values() for s in split["shards"])
+    assert len(shards) >= 3
+    record = tmp_path / "run/data-verified.json"
+    record.parent.mkdir()
+    # Two ranks: each hashes its own part, and between them every shard exactly once.
+    lines = [verify_once(data, record, rank, 2, lambda p: [p, ""]) for rank in (1, 0)]
+    assert sorted(hashed) == shards and "split over 2 rank(s)" in lines[1]
+    assert json.loads(record.read_text())["ranks"] == 2
+    # A later start of the run on unchanged shards reuses the record; a shard written since is hashed again.
+    hashed.clear()
+    assert "recorded in" in verify_once(data, record, 0, 1, lambda p: [p]) and hashed == []
+    damaged = data / shards[-1]
+    raw = bytearray(damaged.read_bytes())
+    raw[10] ^= 1
+    damaged.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=f"{shards[-1]}: sha256 mismatch"):
+        verify_once(data, record, 0, 1, lambda p: [p])
+    # Another rank's finding stops this rank too, with that rank's message.
+    with pytest.raises(UserError, match="rank 1 found this"):
+        verify_once(prepared, tmp_path / "other.json", 0, 2, lambda p: [p, "rank 1 found this"])
+    assert not (tmp_path / "other.json").exists()
 
 
 def test_tokenizer_is_deterministic_and_loads_in_transformers(small_texts, tokenizer_dir, tmp_path):

@@ -54,9 +54,9 @@ def data(pretrain_shards):
 
 @pytest.fixture(scope="module")
 def full_run(data, tmp_path_factory):
-    """12 steps on 2 ranks, checkpoints at 6 and 12."""
+    """12 steps on 2 ranks, checkpoints at 6 and 12, the shards' sha256 checked first (shared by the ranks)."""
     run_dir = tmp_path_factory.mktemp("runs") / "full"
-    r = launch(data, run_dir, 12)
+    r = launch(data, run_dir, 12, "--data.verify", "true")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return run_dir, r
 
@@ -71,6 +71,8 @@ def test_end_to_end_run(full_run):
     assert {"rng_rank0.pt", "rng_rank1.pt", "lillm.json", "config.yaml"} <= {p.name for p in tag.iterdir()}
     assert len(list(tag.glob("*optim_states.pt"))) == 2  # ZeRO-2: one optimizer shard per rank
     assert "2 rank(s) on cpu, fp32, ZeRO stage 2" in r.stdout
+    assert r.stdout.count("data verified: sha256 of") == 1 and "split over 2 rank(s)" in r.stdout
+    assert json.loads((run_dir / "data-verified.json").read_text())["ranks"] == 2
     assert "step 12/12 | loss" in r.stdout and "tok/s" in r.stdout and "eta" in r.stdout
     assert (run_dir / "config.yaml").read_text().count("micro_batch_size: 4") == 1
     # Quiet ranks: no DeepSpeed accelerator detection warning, op-load line or torch deprecation warning from them,

@@ -30,8 +30,9 @@ import hashlib
 import json
 import os
 import signal
+import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lillm.data.prepare import verify
+from lillm.files import read_json, write_json_atomic
 from lillm.errors import UserError
 from lillm.files import sampled_sha256
 from lillm.tokenizer import Tokenizer
@@ -319,3 +321,48 @@ def validation_windows(shards: ShardSet, seq_len: int, batch_size: int, num_batc
     for q in range(rank, num_batches, world_size):
         ids = ds.window_ids(np.arange(q * batch_size, (q + 1) * batch_size, dtype=np.int64))
         yield torch.from_numpy(np.stack([ds.read(int(w)) for w in ids]).astype(np.int64))
+
+
+def _shard_stats(data_dir: Path) -> dict[str, Any]:
+    """What a verification is reused against: the manifest's bytes, and every shard's size and mtime (any
+    write to a shard moves its mtime)."""
+    manifest = data_dir / "manifest.json"
+    files = sorted(f["file"] for split in read_json(manifest, f"{manifest}: missing")["splits"].values()
+                   for f in split["shards"])
+    return {"data_dir": str(data_dir.resolve()), "manifest": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+            "shards": {name: [(data_dir / name).stat().st_size, (data_dir / name).stat().st_mtime_ns]
+                       for name in files}}
+
+
+def verify_once(data_dir: str | os.PathLike, record: str | os.PathLike, rank: int, world: int,
+                gather: Callable[[str], list[str]]) -> str:
+    """Check every shard's sha256 against the manifest once per run, shared by the ranks; returns a line to log.
+
+    Rank r hashes every world-th shard from the r-th, so the ranks make one pass over the data between them,
+    not one each; `gather` (a collective: this rank's finding -> every rank's) lets every rank refuse the same
+    damaged shard. Rank 0 then writes `record` (the run directory's `data-verified.json`), and a later start
+    of the same run (a resume) whose manifest and shards' sizes and mtimes match it skips the pass."""
+    data_dir, record = Path(data_dir), Path(record)
+    now = _shard_stats(data_dir)
+    try:
+        saved = json.loads(record.read_text()) if record.is_file() else None
+    except (OSError, ValueError):  # a damaged record only costs a new pass
+        saved = None
+    if isinstance(saved, dict) and {k: saved.get(k) for k in now} == now:
+        return f"data verified at {saved.get('verified_at', '?')} (recorded in {record}); shards unchanged since"
+    start = time.perf_counter()
+    try:
+        verify(data_dir, checksums=True, part=(rank, world))
+        problem = ""
+    except UserError as e:
+        problem = str(e)
+    problems = [p for p in gather(problem) if p]
+    if problems:
+        raise UserError(problems[0])
+    seconds = time.perf_counter() - start
+    total = sum(size for size, _ in now["shards"].values())
+    if rank == 0:
+        write_json_atomic(record, {**now, "verified_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                   "seconds": round(seconds, 2), "ranks": world})
+    return (f"data verified: sha256 of {len(now['shards'])} shards ({total / 1e9:.2f} GB) in {seconds:.1f}s, "
+            f"split over {world} rank(s); recorded in {record}")

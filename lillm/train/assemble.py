@@ -6,7 +6,8 @@ once the ranks exist. The rest is the same for every task and happens here, in t
 
 1. the batch plan, the filled DeepSpeed JSON and the evaluation tasks' items: every input is checked
    before the process group exists, so bad input fails in a second on every rank;
-2. the process group, and the run directory's lock (one run at a time in it, taken by rank 0);
+2. the process group, and the run directory's lock (one run at a time in it, taken by rank 0); the task's
+   collective data check, if it has one;
 3. the resume plan (which checkpoint, loaded how), from which the engine's config is derived;
 4. the engine, the objective, and the checkpoint holding the run's stateful parts, restored;
 5. the run directory: room for a checkpoint, the run files (the filled JSON as it ran), the metrics writer.
@@ -45,6 +46,8 @@ class Task:
     """(this rank, the batch plan, the engine) -> the task's objective with its loader."""
     describe: Callable[[Trainer], str]
     """The task's part of the start-up line."""
+    check_data: Callable[[Process], None] | None = None
+    """A collective check of the data once the ranks exist (pretraining's `--data.verify`), before the engine."""
 
 
 def assemble(task: Task, train: TrainConfig, ds_path: str, raw_ds: dict[str, Any], config_yaml: str) -> Trainer:
@@ -79,6 +82,8 @@ def lock_run_dir(run_dir: str, process: Process) -> RunLock | None:
 
 def _assemble(task: Task, train: TrainConfig, ds_path: str, ds_cfg: dict[str, Any], config_yaml: str,
               plan: Any, downstream: TaskEvaluation, process: Process, lock: RunLock | None) -> Trainer:
+    if task.check_data is not None:
+        task.check_data(process)
     resume = plan_resume(train.resume, train.run_dir, task.identity, process.world, ds_cfg)
     for line in resume.warnings:
         process.log.warning(line)

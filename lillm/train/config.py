@@ -23,7 +23,9 @@ class DataConfig:
     num_workers: int = 1
     """DataLoader worker processes per rank (0 reads in the training process)."""
     verify: bool = False
-    """Check every shard's sha256 against the manifest before training."""
+    """Check every shard's sha256 against the manifest before training: once per run, the ranks sharing the
+    pass; the result is recorded in the run directory (data-verified.json) and a resume on unchanged shards
+    reuses it."""
     allow_changed: bool = False
     """Resume even though the shards' bytes differ from those the checkpoint was trained on (a resume checks a
     digest of the manifest and of a few sampled KB per shard, and refuses a change); the stream keeps its

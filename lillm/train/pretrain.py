@@ -15,12 +15,12 @@ from typing import Any
 import torch
 
 from lillm.config import ModelConfig
-from lillm.data.loader import PretrainLoader, ShardSet, validation_windows
+from lillm.data.loader import PretrainLoader, ShardSet, validation_windows, verify_once
 from lillm.data.prepare import read_manifest
 from lillm.errors import UserError
 from lillm.generate import SamplingConfig, generate
 from lillm.model import LilLM
-from lillm.runs import tensorboard_dir
+from lillm.runs import DATA_VERIFIED, tensorboard_dir
 from lillm.scoring import Score, byte_table, score_windows
 from lillm.tokenizer import Tokenizer, load_tokenizer
 from lillm.train.assemble import Task, assemble
@@ -130,7 +130,7 @@ def task(cfg: RunConfig) -> Task:
     train = cfg.train
     read_manifest(cfg.data.dir)  # a directory that is not prepared data says so before its tokenizer is missed
     tokenizer = load_tokenizer(Path(cfg.data.dir) / "tokenizer")
-    shards = ShardSet(cfg.data.dir, "train", check_checksums=cfg.data.verify, tokenizer=tokenizer)
+    shards = ShardSet(cfg.data.dir, "train", tokenizer=tokenizer)  # sizes; --data.verify hashes with the ranks
     val_shards = ShardSet(cfg.data.dir, "val")
     model_cfg = model_for_data(cfg.model, tokenizer.vocab_size, cfg.data.dir)
     seq_len = resolve_seq_len(train, model_cfg.max_seq_len, "model.max_seq_len")
@@ -151,8 +151,20 @@ def task(cfg: RunConfig) -> Task:
                 f"tokens/step; {plan.max_steps:,} steps ({plan.max_steps * plan.tokens_per_step:,} tokens); "
                 f"{loader.num_windows:,} windows per epoch; data position {loader.global_position:,} windows")
 
+    def check_data(process: Process) -> None:
+        def gather(problem: str) -> list[str]:
+            if not torch.distributed.is_initialized():
+                return [problem]
+            out: list[Any] = [None] * process.world
+            torch.distributed.all_gather_object(out, problem)
+            return out
+
+        process.log.info(verify_once(cfg.data.dir, Path(train.run_dir) / DATA_VERIFIED, process.rank, process.world,
+                                     gather))
+
     identity = RunIdentity("pretrain", model_cfg.to_dict(), tokenizer.fingerprint, dataclasses.asdict(train))
-    return Task(model, tokenizer, identity, seq_len, make_objective, describe)
+    return Task(model, tokenizer, identity, seq_len, make_objective, describe,
+                check_data if cfg.data.verify else None)
 
 
 def build(cfg: RunConfig, config_yaml: str) -> Trainer:
