@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from lillm.data.loader import PackedWindows, PretrainLoader, ShardSet, permute, validation_windows
 from lillm.data.prepare import prepare, read_manifest, verify
@@ -179,6 +180,29 @@ def numbered(tmp_path_factory):
         "tokenizer": {"fingerprint": "synthetic", "vocab_size": 65535},
     })
     return out
+
+
+def test_read_advice_asks_for_each_micro_batch_ahead_and_changes_no_window(numbered, monkeypatch):
+    # With prefetch (the default) the reader advises every map MADV_RANDOM and asks for micro-batch m+1's
+    # pages before it reads micro-batch m; the windows are the same as the kernel's defaults give.
+    import mmap
+
+    advised = []
+    real = mmap.mmap.madvise
+
+    class Spy(mmap.mmap):
+        def madvise(self, option, start=0, length=None):
+            advised.append(option)
+            return real(self, option, start, length) if length is not None else real(self, option)
+
+    monkeypatch.setattr(mmap, "mmap", Spy)
+    plain = PretrainLoader(ShardSet(numbered, prefetch=False), 16, 4, seed=3, num_workers=0)
+    fetched = PretrainLoader(ShardSet(numbered), 16, 4, seed=3, num_workers=0)
+    assert all(torch.equal(a, b) for a, b in zip(_collect(plain, 40), _collect(fetched, 40)))
+    assert mmap.MADV_RANDOM in advised and advised.count(mmap.MADV_WILLNEED) >= 41 * 4  # one per window, ahead
+    advised.clear()
+    _collect(PretrainLoader(ShardSet(numbered, prefetch=False), 16, 4, seed=3, num_workers=0), 3)
+    assert advised == []
 
 
 @pytest.mark.parametrize("world,workers", [(1, 0), (1, 2), (2, 1), (2, 3), (3, 2)])

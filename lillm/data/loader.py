@@ -28,6 +28,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import json
+import mmap
 import os
 import signal
 import time
@@ -80,7 +81,7 @@ class ShardSet:
     """The shards of one split, memory-mapped lazily (so each DataLoader worker maps its own)."""
 
     def __init__(self, data_dir: str | os.PathLike, split: str = "train", check_checksums: bool = False,
-                 tokenizer: Tokenizer | None = None) -> None:
+                 tokenizer: Tokenizer | None = None, prefetch: bool = True) -> None:
         self.data_dir = Path(data_dir)
         manifest = verify(self.data_dir, checksums=check_checksums)  # sizes always, sha256 on request
         if split not in manifest["splits"]:
@@ -99,7 +100,9 @@ class ShardSet:
         self.files = [self.data_dir / s["file"] for s in manifest["splits"][split]["shards"]]
         self.tokens = np.array([s["tokens"] for s in manifest["splits"][split]["shards"]], dtype=np.int64)
         self.vocab_size = int(manifest["tokenizer"]["vocab_size"])
-        self._maps: list[np.memmap] | None = None
+        self.prefetch = prefetch  # read advice on the maps (see `maps`); False: the kernel's default readahead
+        self._maps: list[np.ndarray] | None = None
+        self._mmaps: list[mmap.mmap | None] = []
 
     @property
     def fingerprint(self) -> str:
@@ -127,15 +130,49 @@ class ShardSet:
                 raise UserError(f"{self.data_dir / name}: its bytes differ from when the checkpoint was saved "
                                 "(changed in place, or damaged)")
 
-    def maps(self) -> list[np.memmap]:
+    def maps(self) -> list[np.ndarray]:
+        """Each shard as a read-only token array over a memory map, opened on first use in each process.
+
+        With `prefetch`, a map is advised MADV_RANDOM: the windows of a shuffled stream are scattered, and the
+        kernel's default readahead on a page fault (8 MB on some disks) turns each 1 KB window into megabytes
+        read from disk, most never used. The reader then asks for the pages it is about to read itself
+        (`will_need`), so those reads are in flight together instead of one fault at a time."""
         if self._maps is None:
-            self._maps = [np.memmap(f, dtype=self.dtype, mode="r") for f in self.files]
+            self._maps, self._mmaps = [], []
+            for f in self.files:
+                if f.stat().st_size == 0:
+                    self._maps.append(np.empty(0, dtype=self.dtype))
+                    self._mmaps.append(None)
+                    continue
+                with open(f, "rb") as fh:
+                    m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+                if self.prefetch and _MADV_RANDOM is not None:
+                    m.madvise(_MADV_RANDOM)
+                self._maps.append(np.frombuffer(m, dtype=self.dtype))
+                self._mmaps.append(m)
         return self._maps
 
-    def __getstate__(self) -> dict[str, Any]:  # memmaps are reopened in worker processes
-        return {**self.__dict__, "_maps": None}
+    def will_need(self, spans: list[tuple[int, int, int]]) -> None:
+        """Start reading (shard, first token, end token) spans in the background (MADV_WILLNEED): the kernel
+        queues them all at once, so a batch's scattered windows cost about one disk latency, not one each.
+        Pages already in memory cost a lookup. A no-op without `prefetch` or where madvise has no WILLNEED."""
+        if not self.prefetch or _MADV_WILLNEED is None:
+            return
+        self.maps()
+        item = self.dtype.itemsize
+        for s, start, end in spans:
+            m = self._mmaps[s]
+            if m is None:
+                continue
+            lo = start * item // mmap.PAGESIZE * mmap.PAGESIZE
+            m.madvise(_MADV_WILLNEED, lo, min(end * item, len(m)) - lo)
+
+    def __getstate__(self) -> dict[str, Any]:  # maps are reopened in worker processes
+        return {**self.__dict__, "_maps": None, "_mmaps": []}
 
 
+_MADV_RANDOM = getattr(mmap, "MADV_RANDOM", None)
+_MADV_WILLNEED = getattr(mmap, "MADV_WILLNEED", None)
 SHARD_SAMPLES, SHARD_SAMPLE_BYTES = 5, 4096  # a shard's identity reads 20 KB of it, at 0, 1/4, 1/2, 3/4 and the end
 
 
@@ -169,11 +206,23 @@ class PackedWindows(IterableDataset):
             out[sel] = permute(idx[sel], self.num_windows, self.seed, int(e))
         return out
 
+    def locate(self, window: int) -> tuple[int, int]:
+        """(shard, offset of its first token) of a window."""
+        s = int(np.searchsorted(self.cum, window, side="right") - 1)
+        return s, (window - int(self.cum[s])) * self.seq_len
+
+    def will_need(self, windows: np.ndarray) -> None:
+        """Ask for the windows' pages ahead of reading them (`ShardSet.will_need`)."""
+        spans = []
+        for w in windows:
+            s, off = self.locate(int(w))
+            spans.append((s, off, off + self.seq_len + 1))
+        self.shards.will_need(spans)
+
     def read(self, window: int) -> np.ndarray:
         """A window's tokens; an id outside the data's vocabulary (a damaged shard) is refused naming the shard
         and the token's offset, instead of an index error deep in the model."""
-        s = int(np.searchsorted(self.cum, window, side="right") - 1)
-        off = (window - int(self.cum[s])) * self.seq_len
+        s, off = self.locate(window)
         tokens = self.shards.maps()[s][off : off + self.seq_len + 1]
         if int(tokens.max()) >= self.shards.vocab_size:
             at = off + int(np.argmax(tokens >= self.shards.vocab_size))
@@ -186,12 +235,19 @@ class PackedWindows(IterableDataset):
         info = get_worker_info()
         wid, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
         m = wid
+        ids = self._micro_batch(m)
+        self.will_need(ids)
         while True:
-            q = m * self.world_size + self.rank  # global micro-batch index
-            pos = self.start + q * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
-            for w in self.window_ids(pos):
+            upcoming = self._micro_batch(m + nworkers)  # this reader's next micro-batch: requested before
+            self.will_need(upcoming)                     # this one is read, so its reads overlap this one's
+            for w in ids:
                 yield torch.from_numpy(self.read(int(w)).astype(np.int64))
-            m += nworkers
+            ids, m = upcoming, m + nworkers
+
+    def _micro_batch(self, m: int) -> np.ndarray:
+        """The window ids of this rank's local micro-batch m."""
+        q = m * self.world_size + self.rank  # global micro-batch index
+        return self.window_ids(self.start + q * self.batch_size + np.arange(self.batch_size, dtype=np.int64))
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
