@@ -67,3 +67,20 @@ def test_checkpoint_save_benchmark_smoke(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["tag_bytes"] > 0 and result["durable"]["n"] == result["unsynced"]["n"] == 1
+
+
+def test_data_scale_smoke(tmp_path):
+    """benchmarks/data_scale.py --smoke: a synthetic directory written by lillm's writer, dropped from the page
+    cache (checked with mincore), every measurement taken, and the directory deleted afterwards."""
+    out, work = tmp_path / "scale.json", tmp_path / "work"
+    work.mkdir()
+    r = subprocess.run([sys.executable, "benchmarks/data_scale.py", "--smoke", "--work", str(work), "--out", str(out)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["resident_after_drop"] < 0.05  # the drop really empties the cache (tmpfs would not)
+    assert len(result["mechanisms"]) == 4 and all(m["batches"] > 0 for m in result["mechanisms"].values())
+    assert {(x["workers"], x["cached"]) for x in result["loader"]} == {(w, c) for w in (0, 1, 2) for c in (0, 1)}
+    assert result["prepare"]["tokens"] > 0 and result["ceiling"][0]["iops"] > 0
+    assert "| lillm loader |" in r.stdout
+    assert list(work.iterdir()) == []  # nothing left behind
