@@ -56,14 +56,65 @@ def universal_dir(tag_dir: Path) -> Path:
 
 
 def read_meta(tag_dir: Path) -> dict[str, Any]:
-    """A checkpoint's lillm.json; refuses a tag that has none (an interrupted save)."""
+    """A checkpoint's lillm.json, checked for encoding and shape (every reader of it relies on these fields);
+    refuses a tag that has none (an interrupted save) or a damaged one, naming the file."""
     f = tag_dir / META
     if not f.is_file():
         raise UserError(f"{tag_dir}: not a complete lillm checkpoint (no {META})")
     try:
-        return json.loads(f.read_text())
+        meta = json.loads(f.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{f}: unreadable ({e})") from None
+    except OSError as e:
+        raise UserError(f"{f}: cannot be read ({e.strerror})") from None
+    if problem := _meta_problem(meta):
+        raise UserError(f"{f}: {problem} (damaged)")
+    return meta
+
+
+def _meta_problem(meta: Any) -> str | None:
+    """What is wrong with a lillm.json's shape, or None."""
+    if not isinstance(meta, dict):
+        return f"a JSON {type(meta).__name__}, not an object"
+
+    def count(key: str, least: int) -> bool:
+        v = meta.get(key)
+        return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+    for key, least in (("step", 0), ("world_size", 1)):
+        if not count(key, least):
+            return f"{key!r} is {meta.get(key)!r}, expected an integer >= {least}"
+    if not isinstance(meta.get("model_config"), dict):
+        return "no 'model_config' object"
+    if not isinstance(meta.get("tokenizer_fingerprint"), str):
+        return "no 'tokenizer_fingerprint' string"
+    if meta.get("objective", "pretrain") not in ("pretrain", "sft", "dpo"):
+        return f"'objective' is {meta.get('objective')!r}"
+    for key, kind in (("train_config", dict), ("files", dict), ("lora", dict), ("init_from", str),
+                      ("base_fingerprint", str)):
+        if meta.get(key) is not None and not isinstance(meta[key], kind):
+            return f"{key!r} is a {type(meta[key]).__name__}"
+    for name, want in (meta.get("files") or {}).items():
+        if not isinstance(want, dict) or not isinstance(want.get("size"), int):
+            return f"the file record of {name!r} has no size"
+    return None
+
+
+def read_latest(ckpt_dir: Path) -> str | None:
+    """The tag that `ckpt_dir/latest` names; None where there is no `latest`. A `latest` that is empty,
+    undecodable or names no tag is damaged: refused naming the file."""
+    f = ckpt_dir / LATEST
+    if not f.is_file():
+        return None
+    try:
+        text = f.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise UserError(f"{f}: not text (damaged)") from None
+    except OSError as e:
+        raise UserError(f"{f}: cannot be read ({e.strerror})") from None
+    if not TAG_RE.match(text):
+        raise UserError(f"{f}: {'empty' if not text else f'names {text[:40]!r}, not a checkpoint tag'} (damaged)")
+    return text
 
 
 SMALL_FILE = 4 << 20  # files up to this size get a full sha256 in the integrity record; larger ones a sampled one
@@ -112,8 +163,7 @@ def check_checkpoint(tag_dir: Path) -> None:
     """Refuse a damaged checkpoint with one line naming what is wrong, and the run's newest intact tag if any."""
     problem = checkpoint_problem(tag_dir)
     if problem:
-        intact = newest_intact_tag(run_dir_of(tag_dir)) if TAG_RE.match(tag_dir.name) else None
-        hint = f"; the newest intact checkpoint of this run is {intact}" if intact is not None else ""
+        hint = _intact_hint(run_dir_of(tag_dir)) if TAG_RE.match(tag_dir.name) else ""
         raise UserError(f"checkpoint {tag_dir} is damaged: {problem}{hint}")
 
 
@@ -125,26 +175,42 @@ def newest_intact_tag(run_dir: str | os.PathLike) -> Path | None:
 
 
 def resolve_checkpoint(spec: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> Path | None:
-    """A checkpoint tag directory from 'auto', 'none', a tag name, a run dir, a checkpoints dir or a tag dir."""
+    """A checkpoint tag directory from 'auto', 'none', a tag name, a run dir, a checkpoints dir or a tag dir.
+    A damaged `latest` is refused naming it, and the run's newest intact tag, where there is one."""
     spec = str(spec)
     if spec == "none":
         return None
     if spec == "auto":
         if run_dir is None:
             return None
-        latest = checkpoints_dir(run_dir) / LATEST
-        return checkpoints_dir(run_dir) / latest.read_text().strip() if latest.is_file() else None
+        tag = _latest_or_hint(checkpoints_dir(run_dir))
+        return checkpoints_dir(run_dir) / tag if tag else None
     p = Path(spec)
     if not p.exists() and run_dir is not None and (checkpoints_dir(run_dir) / spec).is_dir():
         p = checkpoints_dir(run_dir) / spec
     if (p / "checkpoints").is_dir():
         p = p / "checkpoints"
     if (p / LATEST).is_file():
-        p = p / (p / LATEST).read_text().strip()
+        p = p / _latest_or_hint(p)
     if not p.is_dir():
         raise UserError(f"checkpoint {spec!r}: not found")
-    read_meta(p)
+    try:
+        read_meta(p)
+    except UserError as e:
+        raise UserError(f"{e}{_intact_hint(p.parent.parent) if TAG_RE.match(p.name) else ''}") from None
     return p
+
+
+def _latest_or_hint(ckpt_dir: Path) -> str | None:
+    try:
+        return read_latest(ckpt_dir)
+    except UserError as e:
+        raise UserError(f"{e}{_intact_hint(ckpt_dir.parent)}") from None
+
+
+def _intact_hint(run_dir: Path) -> str:
+    intact = newest_intact_tag(run_dir)
+    return f"; the newest intact checkpoint of this run is {intact}" if intact is not None else ""
 
 
 def is_checkpoint_path(p: Path) -> bool:

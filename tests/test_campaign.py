@@ -44,7 +44,7 @@ def ws(tmp_path_factory, process_group, tokenizer_dir, pretrain_shards, chat_bas
     cfg, yaml = pretrain.parse_config([
         "--config", "debug", "--ds_config", "zero2_cpu", "--model.vocab_size", "1024", "--train.seq_len", "32",
         "--train.micro_batch_size", "2", "--train.grad_accum", "1", "--train.max_steps", "2",
-        "--train.warmup_steps", "1", "--train.ckpt_interval", "2", "--train.eval_interval", "0",
+        "--train.warmup_steps", "1", "--train.ckpt_interval", "1", "--train.eval_interval", "0",
         "--train.sample_tokens", "0", "--train.tensorboard", "false", "--data.num_workers", "0",
         "--data.dir", str(root / "shards"), "--train.run_dir", str(root / "run")])
     assert pretrain.build(cfg, yaml).fit() == 0
@@ -55,11 +55,15 @@ def ws(tmp_path_factory, process_group, tokenizer_dir, pretrain_shards, chat_bas
     (root / "empty.txt").write_text("")
     train_tokenizer([t.upper() for t in small_texts], vocab_size=1024, progress=False).save(root / "other_tok")
 
-    def damaged_run(name, damage):
+    def damaged_run(name, damage):  # the run's latest tag (step 2) damaged; step 1 stays intact
         shutil.copytree(root / "run", root / name)
-        damage(next((root / name / "checkpoints").glob("step_*")))
+        damage(sorted((root / name / "checkpoints").glob("step_*"))[-1])
 
     damaged_run("run_bad_meta", lambda tag: (tag / "lillm.json").write_text("{"))
+    damaged_run("run_meta_list", lambda tag: (tag / "lillm.json").write_text("[1, 2]"))
+    damaged_run("run_meta_null", lambda tag: (tag / "lillm.json").write_text("null"))
+    damaged_run("run_meta_partial", lambda tag: (tag / "lillm.json").write_text('{"step": 30, "world_size": 2}'))
+    damaged_run("run_latest_bytes", lambda tag: (tag.parent / "latest").write_bytes(bytes(range(200, 256))))
     damaged_run("run_truncated", lambda tag: _truncate(next(tag.glob("*optim_states.pt"))))
     damaged_run("run_no_model", lambda tag: next(tag.glob("*model_states.pt")).unlink())
     for name, forge in (("shards_bad_dtype", lambda m: m.update(dtype="float64")),
@@ -168,6 +172,14 @@ def rows(w: Path) -> list[tuple[list[str], str]]:
         (["export", f"{w}/run_bad_meta", f"{w}/e2"], "lillm.json"),
         (["export", f"{w}/shards", f"{w}/e3"], "no lillm.json"),
         (["export", f"{w}/run", f"{w}/e4", "--dtype", "int8"], "see lillm export --help"),
+        # run files damaged by a crash, a copy or a person: one line naming the file and the intact tag to use
+        *[([cmd, f"{w}/{run}", *extra], fragment) for cmd, extra in (("generate", ["x"]), ("export", [f"{w}/e5"]),
+                                                                      ("checkpoint", []))
+          for run, fragment in (("run_meta_list", "a JSON list, not an object (damaged); the newest intact "
+                                                  "checkpoint of this run is"),
+                                ("run_meta_null", "lillm.json: a JSON NoneType"),
+                                ("run_meta_partial", "no 'model_config' object (damaged)"),
+                                ("run_latest_bytes", "latest: not text (damaged); the newest intact"))],
         # checkpoint
         (["checkpoint", f"{w}/run_bad_meta"], "lillm.json"),
         (["checkpoint", f"{w}/run_no_model"], "model_states"),
@@ -273,7 +285,7 @@ def test_bad_input_is_refused_in_one_line_and_changes_nothing(row, ws, pristine,
 
 
 def test_the_campaign_has_its_rows_and_covers_every_command():
-    assert len(ROWS) >= 88
+    assert len(ROWS) >= 100
     covered = {argv[0] for argv, _ in ROWS}
     assert covered == {*cli.COMMANDS, *cli.TRAINING}, {*cli.COMMANDS, *cli.TRAINING} - covered
 
@@ -312,3 +324,29 @@ def test_a_full_disk_at_startup_is_one_line_before_training(ws, tmp_path):
         assert not (mnt / "run" / "checkpoints").exists() or not any((mnt / "run" / "checkpoints").iterdir())
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+@pytest.mark.parametrize("run,resumed_from", [("run_meta_list", 1), ("run_meta_null", 1), ("run_meta_partial", 1),
+                                              ("run_latest_bytes", 2)])
+def test_auto_resume_falls_back_past_damaged_run_files(ws, tmp_path, monkeypatch, run, resumed_from):
+    """A damaged lillm.json of the latest tag, or a damaged `latest`: auto-resume goes on from the newest
+    intact tag, and the run ends with an intact latest checkpoint."""
+    import torch.distributed as dist
+
+    from lillm.runs import checkpoint_problem, read_meta, resolve_checkpoint
+
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: None)
+    shutil.copytree(ws / run, tmp_path / run)
+    code = cli_exit(["pretrain", "--config", "debug", "--ds_config", "zero2_cpu", "--model.vocab_size", "1024",
+                     "--train.seq_len", "32", "--train.micro_batch_size", "2", "--train.grad_accum", "1",
+                     "--train.max_steps", "3", "--train.warmup_steps", "1", "--train.ckpt_interval", "1",
+                     "--train.eval_interval", "0", "--train.sample_tokens", "0", "--train.tensorboard", "false",
+                     "--data.num_workers", "0", "--data.dir", str(ws / "shards"), "--train.run_dir",
+                     str(tmp_path / run)])
+    assert code == 0
+    latest = resolve_checkpoint("auto", tmp_path / run)
+    assert latest.name == "step_00000003" and checkpoint_problem(latest) is None
+    step2 = tmp_path / run / "checkpoints/step_00000002/lillm.json"
+    assert read_meta(step2.parent)["step"] == 2  # a damaged tag was trained again from step 1 and replaced
+    assert (step2.read_bytes() == (ws / run / "checkpoints/step_00000002/lillm.json").read_bytes()) == \
+        (resumed_from == 2)  # an intact step 2 (only `latest` damaged) was resumed from, not rewritten

@@ -43,6 +43,7 @@ from lillm.runs import (
     checkpoints_dir,
     file_record,
     newest_intact_tag,
+    read_latest,
     read_meta,
     resolve_checkpoint,
     tag_for,
@@ -184,11 +185,17 @@ def plan_resume(spec: str, run_dir: str | os.PathLike, identity: RunIdentity, wo
                 ds_cfg: dict[str, Any]) -> ResumePlan:
     """The checkpoint `spec` names ('auto', 'none', a tag or a path), checked against this run and world size:
     what to load and how. Reads files, changes nothing."""
-    tag_dir = resolve_checkpoint(spec, run_dir)
+    problem = None
+    try:
+        tag_dir = resolve_checkpoint(spec, run_dir)
+    except UserError as e:  # `latest` itself damaged: auto-resume falls back like for a damaged tag
+        if spec != "auto":
+            raise
+        tag_dir, problem = checkpoints_dir(run_dir) / LATEST, str(e).split("; the newest intact")[0]
     if tag_dir is None:
         return ResumePlan()
     warnings: tuple[str, ...] = ()
-    problem = checkpoint_problem(tag_dir)
+    problem = problem or checkpoint_problem(tag_dir)
     if problem and spec == "auto":
         intact = newest_intact_tag(run_dir)
         if intact is None:
@@ -301,7 +308,10 @@ class Checkpoint:
         if not int(ok.item()):
             if self.rank == 0:
                 shutil.rmtree(tag_dir, ignore_errors=True)
-            latest = (self.dir / LATEST).read_text().strip() if (self.dir / LATEST).is_file() else None
+            try:
+                latest = read_latest(self.dir)
+            except UserError:
+                latest = "damaged"
             raise UserError(f"saving checkpoint {tag} failed ({error or 'on another rank'}); "
                             f"the previous checkpoint ({latest or 'none'}) is intact")
         if self.rank == 0:
