@@ -14,6 +14,11 @@ class UserError(Exception):
     """Bad input from the user: a wrong path, value or file. Reported without a traceback."""
 
 
+class JobEnding(Exception):
+    """This rank stops because another process of the job ended it (a peer closed its connection in a
+    collective): the reason is that process's to report, so this one exits with status 1 and says nothing."""
+
+
 def run_command(prog: str, body: Callable[[], int | None], cleanup: Callable[[], None] | None = None) -> NoReturn:
     """Run a command and exit with its status: the one place where errors become exit codes.
 
@@ -25,6 +30,8 @@ def run_command(prog: str, body: Callable[[], int | None], cleanup: Callable[[],
         code = body() or 0
     except UserError as e:
         code = _fail(prog, str(e))
+    except JobEnding:
+        code = 1
     except OSError as e:
         code = _fail(prog, f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e))
     except KeyboardInterrupt:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
+import re
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +35,46 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
     second, a power loss can undo the rename)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk, a read-only place: the old content stays, the error names the file
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """A directory of output written whole or not at all: the caller writes into a temporary folder beside
+    `out`; on success its files are synced and moved into place (the folder renamed to `out`, or its files
+    moved over those of an existing `out`), and on any failure the folder is removed, so a full disk or an
+    interrupt leaves no half-written output. An OSError becomes one line naming `out`."""
+    out = Path(out)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        yield tmp
+        fsync_tree(tmp)
+        if not out.exists():
+            os.replace(tmp, out)
+        else:
+            for f in sorted(tmp.iterdir()):
+                os.replace(f, out / f.name)
+            tmp.rmdir()
+        fsync_dir(out.parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"{out}: {e.strerror or e} (nothing written)") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def fsync_file(path: str | os.PathLike) -> None:
@@ -77,9 +115,15 @@ def fsync_tree(root: str | os.PathLike) -> None:
 def save_safetensors(tensors: dict[str, Any], path: str | os.PathLike) -> None:
     """safetensors' `save_file`, the file then given the mode of any file the user writes (0666 less the
     umask): safetensors makes its files 0600, so others on a shared machine could not read an export."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    save_file(tensors, path, metadata={"format": "pt"})
+    try:
+        save_file(tensors, path, metadata={"format": "pt"})
+    except SafetensorError as e:  # its I/O errors, e.g. "... (os error 28)": an OSError naming the file
+        m = re.search(r"os error (\d+)", str(e))
+        code = int(m.group(1)) if m else errno.EIO
+        raise OSError(code, os.strerror(code) if m else str(e), str(path)) from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)

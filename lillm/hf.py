@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from lillm.config import ModelConfig
 from lillm.errors import UserError
-from lillm.files import read_json, save_safetensors
+from lillm.files import read_json, save_safetensors, staged_dir
 from lillm.model import LilLM
 from lillm.tokenizer import Tokenizer, load_tokenizer
 
@@ -102,12 +102,18 @@ def export_hf(
     With a tokenizer (or its directory), its files are saved alongside and its special ids recorded.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with staged_dir(out) as staged:  # a full disk or an interrupt leaves no partial export
+        _write_hf(model, staged, tokenizer_dir, dtype)
+    return out
+
+
+def _write_hf(model: LilLM, out: Path, tokenizer_dir: str | os.PathLike | Tokenizer | None,
+              dtype: torch.dtype) -> None:
     special_ids = None
     if tokenizer_dir is not None:
         tok = tokenizer_dir if isinstance(tokenizer_dir, Tokenizer) else load_tokenizer(tokenizer_dir)
         special_ids = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id, "eot": tok.eot_id}
-        tok.save(out, prompt_prefix=True)
+        tok.write_files(out, prompt_prefix=True)
     tensors = {}
     for name, tensor in model.state_dict().items():
         if name == "output.weight" and model.config.tie_embeddings:
@@ -124,7 +130,6 @@ def export_hf(
         gen.update(bos_token_id=special_ids["bos"], eos_token_id=eos if len(eos) > 1 else eos[0],
                    pad_token_id=special_ids["pad"])
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    return out
 
 
 def config_from_hf(cfg: dict, source: str = "config.json") -> ModelConfig:

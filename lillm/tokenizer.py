@@ -18,6 +18,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from lillm.errors import UserError
+from lillm.files import staged_dir
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 START_HEADER, END_HEADER, EOT = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
@@ -157,7 +158,12 @@ class Tokenizer:
         itself never adds special tokens when encoding, so this changes nothing for lillm.
         """
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        with staged_dir(out) as staged:  # written whole or not at all (a full disk leaves no truncated file)
+            self.write_files(staged, prompt_prefix)
+        return out
+
+    def write_files(self, out: Path, prompt_prefix: bool = False) -> None:
+        """`save`'s files, written straight into the existing directory `out` (one being staged already)."""
         data = json.loads(self.tok.to_str())
         if prompt_prefix:
             prefix = processors.TemplateProcessing(single=f"{EOS} $A", pair=f"{EOS} $A {EOS} $B:1",
@@ -179,7 +185,6 @@ class Tokenizer:
         (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         special = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
         (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
-        return out
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

@@ -181,6 +181,7 @@ def rows(w: Path) -> list[tuple[list[str], str]]:
                                 ("run_meta_partial", "no 'model_config' object (damaged)"),
                                 ("run_latest_bytes", "latest: not text (damaged); the newest intact"))],
         # checkpoint
+        (["checkpoint", f"{w}/run", "--convert_universal", "true"], "is a Muon checkpoint: it is not converted"),
         (["checkpoint", f"{w}/run_bad_meta"], "lillm.json"),
         (["checkpoint", f"{w}/run_no_model"], "model_states"),
         (["checkpoint", f"{w}/nope"], "not found"),

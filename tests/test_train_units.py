@@ -387,3 +387,51 @@ def test_a_line_logged_under_the_progress_bar_starts_a_line_of_its_own():
         log.warning("eval @ step 3: val/loss 1.0")
     before = screen.getvalue().split("eval @ step 3")[0]
     assert before.endswith("\r") and "3/10" in before, repr(before)
+
+
+def test_a_staged_output_that_fails_leaves_nothing_and_names_the_output(tmp_path):
+    from lillm.files import staged_dir
+
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept/old.txt").write_text("old")
+    for out in (tmp_path / "new", tmp_path / "kept"):
+        with pytest.raises(UserError, match=rf"{out}: No space left on device \(nothing written\)"):
+            with staged_dir(out) as d:
+                (d / "old.txt").write_text("half")
+                raise OSError(28, "No space left on device")  # what a full disk raises mid-write
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+    assert (tmp_path / "kept/old.txt").read_text() == "old"
+    with staged_dir(tmp_path / "kept") as d:
+        (d / "new.txt").write_text("new")
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["new.txt", "old.txt"]
+
+
+def test_metrics_jsonl_never_ends_in_a_cut_line(tmp_path, monkeypatch):
+    import builtins
+
+    import lillm.train.metrics as metrics_module
+    from lillm.train.metrics import MetricsWriter
+
+    jsonl = tmp_path / "metrics.jsonl"
+    writer = MetricsWriter(None, jsonl)
+    writer.scalars({"train/loss": 1.5}, 1)
+
+    class HalfWritten:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, text):
+            self.fh.write(text[: len(text) // 2])
+            self.fh.flush()
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(metrics_module, "open", lambda *a, **k: HalfWritten(builtins.open(*a, **k)), raising=False)
+    with pytest.raises(UserError, match=rf"{jsonl}: No space left on device"):
+        writer.scalars({"train/loss": 1.25}, 2)
+    assert jsonl.read_text() == json.dumps({"step": 1, "train/loss": 1.5}) + "\n"

@@ -42,9 +42,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lillm.data.prepare import verify
-from lillm.files import read_json, write_json_atomic
 from lillm.errors import UserError
-from lillm.files import sampled_sha256
+from lillm.files import read_json, sampled_sha256, write_json_atomic
 from lillm.tokenizer import Tokenizer
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)

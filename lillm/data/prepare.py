@@ -127,11 +127,14 @@ class ShardWriter:
         data = self.buf[: self.fill]
         name = f"{self.split}-{self.run_id}-{len(self.shards):05d}.bin"
         tmp = self.out_dir / (name + ".tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(data.tobytes())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.out_dir / name)
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data.tobytes())
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.out_dir / name)
+        except OSError as e:  # a full disk: the error names the shard (prepare then removes this run's files)
+            raise OSError(e.errno, e.strerror or str(e), str(self.out_dir / name)) from None
         self.shards.append({
             "file": name,
             "tokens": int(self.fill),

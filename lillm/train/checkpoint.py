@@ -86,14 +86,23 @@ def convert_to_universal(tag_dir: Path) -> Path:
     out = universal_dir(tag_dir)
     if (out / META).is_file():
         return out
+    if read_meta(tag_dir).get("train_config", {}).get("optimizer") == "muon":
+        raise UserError(f"{tag_dir} is a Muon checkpoint: it is not converted to the universal format, and needs "
+                        "no conversion: a resume at another world size re-partitions its Muon and AdamW states "
+                        "itself (just resume it)")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise UserError(f"{tmp.parent}: cannot write the universal copy of {tag_dir.name} ({e.strerror})") from None
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
            "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"converting {tag_dir} to the universal format failed:\n{r.stderr[-2000:]}")
+        last = next((line for line in reversed(r.stderr.splitlines()) if line.strip()), f"exit {r.returncode}")
+        raise UserError(f"converting {tag_dir} to the universal format failed: {last.strip()}")
     meta = {k: v for k, v in read_meta(tag_dir).items() if k != "files"}  # other files than the original's
     write_atomic(tmp / META, json.dumps(meta, indent=2))
     fsync_tree(tmp)  # on the disk before its name says it is complete

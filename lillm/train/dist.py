@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lillm.errors import UserError, run_command
+from lillm.errors import JobEnding, UserError, run_command
 from lillm.train.metrics import get_logger
 from lillm.train.ops import name_cpu_accelerator, use_venv_extensions_dir
 
@@ -194,7 +194,26 @@ def run_training(name: str, body: Any) -> None:
     where it has nothing else (`name_cpu_accelerator`), before anything imports it."""
     name_cpu_accelerator()
     sys.stdout, sys.stderr = ReaderlessStream.wrap(sys.stdout), ReaderlessStream.wrap(sys.stderr)
-    run_command(name, body, cleanup=lambda: dist.destroy_process_group() if dist.is_initialized() else None)
+
+    def guarded() -> Any:
+        try:
+            return body()
+        except RuntimeError as e:  # torch's DistBackendError is one
+            if dist.is_initialized() and peer_gone(e):
+                raise JobEnding(str(e)) from None
+            raise
+
+    run_command(name, guarded, cleanup=lambda: dist.destroy_process_group() if dist.is_initialized() else None)
+
+
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "communicator was aborted",
+              "NCCL communicator", "is aborted")
+
+
+def peer_gone(error: BaseException) -> bool:
+    """A collective failed because another rank's process ended (gloo's closed or reset connection, NCCL's
+    aborted communicator): that rank reports why; this one ends quietly (`JobEnding`)."""
+    return any(s in str(error) for s in _PEER_GONE)
 
 
 class ReaderlessStream:

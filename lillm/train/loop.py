@@ -298,9 +298,14 @@ class Trainer:
                 gate.remove()
             stop.close()
             self._bar.close()
-            self._close_metrics()
-            if self.run_lock is not None:
-                self.run_lock.release()
+            try:
+                self._close_metrics()
+            except UserError:
+                if exit_code == 0:
+                    raise  # a failing disk met first here; after a reported error, the same disk says it again
+            finally:
+                if self.run_lock is not None:
+                    self.run_lock.release()
         if exit_code == 0:
             log.info(self._summary())
         return exit_code

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from tqdm import tqdm
+
+from lillm.errors import UserError
 
 # Dense bf16 peak TFLOP/s per device, by a substring of torch.cuda.get_device_name().
 PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A800": 312.0, "L4": 121.0,
@@ -60,26 +65,46 @@ class MetricsWriter:
     def __init__(self, log_dir: str | None, jsonl: str | os.PathLike | None = None, resume_step: int = 0) -> None:
         """resume_step > 0 (a resumed run): what an earlier attempt logged after that step, the steps about to
         be replayed, is dropped from metrics.jsonl and hidden in TensorBoard, so each step shows once."""
-        self.tb, self.jsonl = None, jsonl
+        self.tb, self.jsonl, self.log_dir = None, jsonl, log_dir
         if jsonl is not None and resume_step and os.path.isfile(jsonl):
             _truncate_after(jsonl, resume_step)
         if log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir, purge_step=resume_step + 1 if resume_step else None)
+            _quiet_tensorboard_thread_errors()
+            with self._writing_events():
+                self.tb = SummaryWriter(log_dir, purge_step=resume_step + 1 if resume_step else None)
+
+    @contextlib.contextmanager
+    def _writing_events(self) -> Iterator[None]:
+        """A TensorBoard write that fails (a full disk, a directory made read-only) ends the run with one line
+        naming the directory; TensorBoard's writer thread keeps its error for the next call, which raises it."""
+        try:
+            yield
+        except OSError as e:
+            raise UserError(f"{self.log_dir}: {e.strerror or e} (writing TensorBoard events)") from None
 
     def scalars(self, values: dict[str, float], step: int) -> None:
-        """One row of scalars at `step`: TensorBoard events and a JSON line {"step": ..., **values}."""
+        """One row of scalars at `step`: TensorBoard events and a JSON line {"step": ..., **values}. A row that
+        cannot be written whole (a full disk) is cut back off, so metrics.jsonl never ends in a partial line."""
         if self.tb is not None:
-            for k, v in values.items():
-                self.tb.add_scalar(k, v, step)
+            with self._writing_events():
+                for k, v in values.items():
+                    self.tb.add_scalar(k, v, step)
         if self.jsonl is not None:
-            with open(self.jsonl, "a") as fh:
-                fh.write(json.dumps({"step": step, **values}) + "\n")
+            size = os.path.getsize(self.jsonl) if os.path.isfile(self.jsonl) else 0
+            try:
+                with open(self.jsonl, "a") as fh:
+                    fh.write(json.dumps({"step": step, **values}) + "\n")
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    os.truncate(self.jsonl, size)
+                raise UserError(f"{self.jsonl}: {e.strerror or e}") from None
 
     def text(self, tag: str, text: str, step: int) -> None:
         if self.tb is not None:
-            self.tb.add_text(tag, text, step)
+            with self._writing_events():
+                self.tb.add_text(tag, text, step)
 
     def hparams(self, hparams: dict[str, Any], metrics: list[str]) -> None:
         """TensorBoard's hparams table: this run's settings, against the last value of each scalar series named
@@ -88,16 +113,41 @@ class MetricsWriter:
             from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
             clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
-            for summary in hparams_summaries(clean, dict.fromkeys(metrics, 0.0)):
-                self.tb.file_writer.add_summary(summary)
+            with self._writing_events():
+                for summary in hparams_summaries(clean, dict.fromkeys(metrics, 0.0)):
+                    self.tb.file_writer.add_summary(summary)
 
     def flush(self) -> None:
         if self.tb is not None:
-            self.tb.flush()
+            with self._writing_events():
+                self.tb.flush()
 
     def close(self) -> None:
+        """Close the event files; an error here (the disk that failed a write before) is not reported again."""
         if self.tb is not None:
-            self.tb.close()
+            tb, self.tb = self.tb, None
+            with contextlib.suppress(OSError):
+                tb.close()
+
+
+_default_thread_hook = None
+
+
+def _quiet_tensorboard_thread_errors() -> None:
+    """TensorBoard writes events from a thread that re-raises a failed write (OSError) after keeping it for the
+    writer's next call, so Python prints a thread traceback; the next call reports it in one line instead
+    (`MetricsWriter._writing_events`). Other threads' errors print as before."""
+    global _default_thread_hook
+    if _default_thread_hook is not None:
+        return
+    _default_thread_hook = threading.excepthook
+
+    def hook(args: Any) -> None:
+        if isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread":
+            return
+        _default_thread_hook(args)
+
+    threading.excepthook = hook
 
 
 def _truncate_after(path: str | os.PathLike, step: int) -> None:
