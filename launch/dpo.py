@@ -6,7 +6,12 @@
 YAML sections are init_from / data / train / lora / dpo; every option is in `--help`.
 """
 
-from lillm.train.posttrain import main
+try:
+    from lillm.train.posttrain import main
+except KeyboardInterrupt:  # Ctrl-C while Python loads torch and DeepSpeed: one line, no import traceback
+    from lillm.errors import interrupted
+
+    interrupted("dpo")
 
 if __name__ == "__main__":
     main("dpo")

@@ -6,7 +6,12 @@
 Every option is in `--help`; YAML sections are model / data / train, overridable as --train.lr 3e-4.
 """
 
-from lillm.train.pretrain import main
+try:
+    from lillm.train.pretrain import main
+except KeyboardInterrupt:  # Ctrl-C while Python loads torch and DeepSpeed: one line, no import traceback
+    from lillm.errors import interrupted
+
+    interrupted("pretrain")
 
 if __name__ == "__main__":
     main()

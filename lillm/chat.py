@@ -131,6 +131,14 @@ def run_chat(session: ChatSession, out: TextIO = sys.stdout, read: Callable[[str
         except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line, like a shell
             print(file=out)
             continue
+        except UnicodeDecodeError:  # a stream that decodes strictly: the line is lost, the conversation is not
+            print("(that line was not UTF-8 text and was skipped)", file=out, flush=True)
+            continue
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes kept as surrogates (a terminal in another encoding)
+            line = line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            print("(bytes that are not UTF-8 were replaced with \ufffd)", file=out, flush=True)
         if not line:
             continue
         if line.startswith("/"):

@@ -35,12 +35,24 @@ def run_command(prog: str, body: Callable[[], int | None], cleanup: Callable[[],
     except OSError as e:
         code = _fail(prog, f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e))
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
-        code = 130
+        code = _say_interrupted(prog)
     finally:
         if cleanup is not None:
             cleanup()
     sys.exit(code)
+
+
+def interrupted(prog: str) -> NoReturn:
+    """Ctrl-C before a command's own handling begins (while Python loads torch and DeepSpeed): the same line
+    and exit code as `run_command` gives, instead of a KeyboardInterrupt traceback from an import."""
+    sys.exit(_say_interrupted(prog))
+
+
+def _say_interrupted(prog: str) -> int:
+    """`prog: interrupted` and 130. Ctrl-C reaches every rank of a launch at once: the machine's first says it."""
+    if not _later_local_rank():
+        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+    return 130
 
 
 def _fail(prog: str, message: str) -> int:

@@ -216,6 +216,8 @@ def rows(w: Path) -> list[tuple[list[str], str]]:
         (["pretrain", *tr, "--train.global_batch_tokens", "1000"], "not a multiple"),
         (["pretrain", *tr, "--ds_config", f"{w}/ds_conflict.json"], "conflicts with the training config"),
         (["pretrain", *tr, "--train.run_dir", f"{w}/run", "--model.n_layers", "2"], "another model config"),
+        (["pretrain", *tr, "--train.run_dir", f"{w}/run", "--ds_config", "zero2"],
+         "it was trained in fp32 and this run's DeepSpeed config is bf16"),
         # sft and dpo
         ([*sft, "--data.source", f"{w}/sft.jsonl", "--train.lr", ".inf"], "lr must be a finite number, got inf"),
         ([*sft, "--data.source", f"{w}/nope.jsonl"], "no such file"),

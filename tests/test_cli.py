@@ -53,6 +53,35 @@ def test_chat_set_refuses_non_finite_and_keeps_the_conversation(tokenizer_dir):
     assert session.sampling.temperature == 0.5 and len(session.history) == 2
 
 
+def test_chat_survives_input_that_is_not_utf8(tokenizer_dir):
+    # A line with undecodable bytes (kept as surrogates by a terminal in another encoding), then one a strict
+    # stream cannot decode: each is said, and the conversation goes on to the next line.
+    import io
+
+    from lillm.chat import ChatSession, run_chat
+    from lillm.generate import SamplingConfig
+
+    tok = load_tokenizer(tokenizer_dir)
+    session = ChatSession(tiny_model(vocab_size=tok.vocab_size), tok, SamplingConfig(max_new_tokens=2))
+    lines = iter([b"hi \xff there".decode("utf-8", "surrogateescape"), UnicodeDecodeError("utf-8", b"\xff", 0, 1, "x"),
+                  "and then"])
+
+    def read(prompt):
+        item = next(lines, None)
+        if item is None:
+            raise EOFError
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    out = io.StringIO()
+    run_chat(session, out, read)
+    said = out.getvalue()
+    assert "were replaced" in said and "was skipped" in said, said
+    users = [m["content"] for m in session.history if m["role"] == "user"]
+    assert users == ["hi \ufffd there", "and then"]
+
+
 def test_parse_errors_are_one_line_with_a_hint():
     for args, hint in ((["generate"], "see lillm generate --help"),
                        (["pretrain", "--config", "debug", "--train.lr", "abc"], "see lillm pretrain --help"),

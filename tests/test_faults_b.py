@@ -6,6 +6,8 @@ test cannot, it is skipped, and tests/test_train_units.py simulates ENOSPC in th
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -35,8 +37,6 @@ def small_disk(tmp_path):
 
 def fill(disk: Path, leave_kb: int = 0) -> None:
     """Fill the disk, leaving about `leave_kb` free."""
-    import os
-
     st = os.statvfs(disk)
     free = st.f_bavail * st.f_frsize - leave_kb * 1024
     with open(disk / f"fill{time.time_ns()}", "wb") as fh:
@@ -103,3 +103,28 @@ def test_universal_conversion_of_a_read_only_run_is_one_line(process_group, pret
         assert "cannot write the universal copy of step_00000001 (Read-only file system)" in lines[0], lines
     finally:
         subprocess.run(["umount", "-l", str(ro)], capture_output=True)
+
+
+@pytest.mark.parametrize("delay", [1.5, 4.0, 7.0])
+def test_ctrl_c_during_start_up_is_one_line_and_leaves_no_rank_running(pretrain_shards, tmp_path, delay):
+    """Ctrl-C (SIGINT to the whole foreground job) at moments of start-up: while Python imports torch, while the
+    `deepspeed` command starts its launcher, while the ranks join. No traceback from lillm's processes (DeepSpeed's
+    own `deepspeed` command and its per-node launcher print KeyboardInterrupt tracebacks: not ours to change),
+    `interrupted` at most
+    once, and no rank left training."""
+    from .test_faults import ranks_of
+
+    run_dir = tmp_path / "run"
+    proc = start(train_args(pretrain_shards, run_dir, 400))
+    time.sleep(delay)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    both = out + err
+    blocks = both.split("Traceback (most recent call last):")[1:]
+    ours = [b for b in blocks if "launch/pretrain.py" in b or "/lillm/" in b]  # a rank's, not DeepSpeed's runner
+    assert not ours, ours[0][:3000]
+    assert both.count("interrupted") <= 1, both[-3000:]
+    deadline = time.time() + 60
+    while ranks_of(run_dir) and time.time() < deadline:
+        time.sleep(1)
+    assert not ranks_of(run_dir), "a rank is still running"

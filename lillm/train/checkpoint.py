@@ -49,7 +49,7 @@ from lillm.runs import (
     tag_for,
     universal_dir,
 )
-from lillm.train.ds_config import offloads_optimizer
+from lillm.train.ds_config import offloads_optimizer, precision
 from lillm.train.reshard import full_states, load_full_states, load_scaler_state
 
 
@@ -72,6 +72,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def engine_precision(engine: Any) -> str:
+    """'bf16', 'fp16' or 'fp32': what the DeepSpeed engine trains in."""
+    if getattr(engine, "bfloat16_enabled", lambda: False)():
+        return "bf16"
+    if getattr(engine, "fp16_enabled", lambda: False)():
+        return "fp16"
+    return "fp32"
 
 
 def universal_info() -> dict[str, Any]:
@@ -218,6 +227,8 @@ def plan_resume(spec: str, run_dir: str | os.PathLike, identity: RunIdentity, wo
     meta = read_meta(tag_dir)
     if why := identity.refusal(meta, world):
         raise UserError(f"cannot resume {tag_dir}: {why}")
+    if why := precision_change(tag_dir, meta, precision(ds_cfg)):
+        raise UserError(f"cannot resume {tag_dir}: {why}")
     saved = meta["world_size"]
     if saved == world:
         return ResumePlan(tag_dir, saved, "as_saved", warnings=warnings)
@@ -241,6 +252,26 @@ def _writer_rank(name: str) -> int:
     0's. Each rank syncs what it wrote, so a run directory on node-local disks is synced too."""
     m = _RANK_IN_NAME.search(name)
     return int(m.group(1)) if m else 0
+
+
+def saved_precision(tag_dir: Path, meta: dict[str, Any]) -> str:
+    """The precision a checkpoint was trained in: recorded in lillm.json, or for older tags read from DeepSpeed's
+    file names (its bf16 optimizer writes `bf16_zero_pp_rank_*`, the fp32 and fp16 ones `zero_pp_rank_*`)."""
+    if isinstance(meta.get("precision"), str):
+        return meta["precision"]
+    return "bf16" if any(tag_dir.glob("bf16_zero_pp_rank_*")) else "fp32 or fp16"
+
+
+def precision_change(tag_dir: Path, meta: dict[str, Any], now: str) -> str | None:
+    """Why a checkpoint cannot be resumed in precision `now`, or None. DeepSpeed's bf16 optimizer and its
+    fp32/fp16 one keep different state under different file names, so a switch between them would fail deep in
+    the load, naming a missing file as if the checkpoint were damaged; said here, before anything slow."""
+    was = saved_precision(tag_dir, meta)
+    if (was == "bf16") == (now == "bf16"):
+        return None
+    return (f"it was trained in {was} and this run's DeepSpeed config is {now}: the optimizer state of one does "
+            f"not load into the other. Resume with a {was.split()[0]} config (the run's ds_config.json is the one "
+            "it ran with), or start a new run from its weights")
 
 
 class Checkpoint:
@@ -325,7 +356,7 @@ class Checkpoint:
                             f"the previous checkpoint ({latest or 'none'}) is intact")
         if self.rank == 0:
             meta = {**self.identity.to_dict(), "step": step, "world_size": self.world_size,
-                    "files": file_record(tag_dir)}
+                    "precision": engine_precision(self.engine), "files": file_record(tag_dir)}
             write_atomic(tag_dir / META, json.dumps(meta, indent=2))  # synced, and the tag's directory with it
             fsync_dir(self.dir)  # the tag's own entry
             write_atomic(self.dir / LATEST, tag)

@@ -86,6 +86,8 @@ def start_process(verbose: bool = False) -> Process:
     libraries' chatter (`hide_library_chatter`)."""
     global _LAUNCHERS
     _LAUNCHERS = _launcher_ancestors()  # now, while they are all alive (StopFlag watches them)
+    if runner_gone(_LAUNCHERS):  # Ctrl-C killed the `deepspeed` command as it started its launcher
+        raise KeyboardInterrupt
     if not verbose:
         hide_library_chatter()
     rank, world, local_rank = init_distributed(verbose)
@@ -144,7 +146,8 @@ class StopFlag:
 
     def requested(self) -> bool:
         """Whether to stop after this step (a local check; the loop agrees on it across ranks)."""
-        if not self.signum and self._launchers and not all(_alive(p) for p in self._launchers):
+        if not self.signum and self._launchers and (not all(_alive(p) for p in self._launchers)
+                                                    or runner_gone(self._launchers)):
             self.signum = signal.SIGTERM
             self.reason = "the deepspeed command that started this run has exited"
         return self.signum > 0
@@ -160,6 +163,21 @@ def _alive(process: Any) -> bool:
 
     try:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def runner_gone(launchers: list[Any]) -> bool:
+    """Whether the `deepspeed` command above DeepSpeed's per-node launcher has died while the launcher lives on:
+    the launcher is then an orphan, adopted by init (pid 1, which is not itself a DeepSpeed command). A Ctrl-C in
+    the moment the command starts its launcher kills the command and misses the launcher, whose ranks would
+    otherwise train on unattended."""
+    import psutil
+
+    try:
+        nodes = [p for p in launchers if "deepspeed.launcher.launch" in " ".join(p.cmdline()[:4])]
+        return any(p.ppid() == 1 and not any("deepspeed" in part for part in psutil.Process(1).cmdline()[:4])
+                   for p in nodes)
     except psutil.Error:
         return False
 
