@@ -16,7 +16,7 @@ from lillm.errors import UserError
 from lillm.tokenizer import load_tokenizer
 from lillm.train.loss import token_loss
 
-from .conftest import tiny_model
+from .conftest import REPO, tiny_model
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -217,3 +217,26 @@ def test_builtin_pydoc_chat_set_serves_sft_and_dpo(tok):
     prefs = load_preferences(cfg, tok, 256)
     assert prefs.stats["records"] == sft.stats["records"]
     assert all(c.ids.tolist() != r.ids.tolist() for c, r in prefs.train)
+
+
+def test_no_dpo_validation_question_is_in_sft_training_data(tok):
+    # The README's post-training path: SFT on pydoc-chat, then DPO on it, both at the shipped val_fraction.
+    import yaml
+
+    from lillm.data.examples import split_key
+
+    fractions = [yaml.safe_load((REPO / f"lillm/configs/{name}-debug.yaml").read_text())["data"]["val_fraction"]
+                 for name in ("sft", "dpo")]
+    assert fractions[1] <= fractions[0]
+    sft = load_sft(ChatDataConfig(source="pydoc-chat", val_fraction=fractions[0]), tok, 256)
+    prefs = load_preferences(ChatDataConfig(source="pydoc-chat", val_fraction=fractions[1]), tok, 256)
+    assert len(prefs.val) > 0
+
+    def prompt_of(example):  # the ids before the first learned token: the question (pydoc-chat is single-turn)
+        return tuple(example.ids[: int(np.argmax(example.learn))].tolist())
+
+    sft_train = {prompt_of(e) for e in sft.train}
+    dpo_val = {prompt_of(chosen) for chosen, _ in prefs.val}
+    assert not dpo_val & sft_train
+    assert split_key([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]) == \
+        split_key([{"role": "user", "content": "q"}])

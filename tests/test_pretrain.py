@@ -74,6 +74,9 @@ def test_end_to_end_run(full_run):
     assert r.stdout.count("data verified: sha256 of") == 1 and "split over 2 rank(s)" in r.stdout
     assert json.loads((run_dir / "data-verified.json").read_text())["ranks"] == 2
     assert "step 12/12 | loss" in r.stdout and "tok/s" in r.stdout and "eta" in r.stdout
+    # Output to files: every step and eval line on a line of its own, no progress bar redraws between them.
+    assert re.search(r"^step 12/12 \| loss", r.stdout, re.M) and re.search(r"^\S+ eval @ step 12", r.stdout, re.M)
+    assert "step/s]" not in r.stdout + r.stderr and "\r" not in r.stdout + r.stderr
     assert (run_dir / "config.yaml").read_text().count("micro_batch_size: 4") == 1
     # Quiet ranks: no DeepSpeed accelerator detection warning, op-load line or torch deprecation warning from them,
     # and a summary to end on.

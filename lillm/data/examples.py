@@ -63,6 +63,15 @@ class ChatData:
     stats: dict[str, int]
 
 
+def split_key(messages: list[dict[str, str]]) -> str:
+    """What decides a record's train/val side: its prompt, i.e. the conversation before its last assistant
+    reply (a preference pair's prompt; an SFT conversation without its answer). SFT and DPO on the same
+    questions then split them alike, so a DPO validation question is never in SFT's training data (with a DPO
+    val_fraction at most SFT's: `in_validation` is monotone in the fraction)."""
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=len(messages))
+    return json.dumps(messages[:last], sort_keys=True)
+
+
 def load_sft(cfg: ChatDataConfig, tok: Tokenizer, seq_len: int) -> ChatData:
     """Read, check and tokenize every conversation of `cfg.source`."""
     train, val, stats = [], [], {"records": 0, "truncated": 0, "dropped_overlong": 0}
@@ -75,7 +84,7 @@ def load_sft(cfg: ChatDataConfig, tok: Tokenizer, seq_len: int) -> ChatData:
             stats["dropped_overlong"] += 1
             continue
         stats["truncated"] += len(fitted.ids) < len(ex.ids)
-        (val if in_validation(json.dumps(msgs, sort_keys=True), cfg.val_fraction) else train).append(fitted)
+        (val if in_validation(split_key(msgs), cfg.val_fraction) else train).append(fitted)
     return _checked(ChatData(train, val, stats), cfg.source)
 
 
@@ -92,8 +101,7 @@ def load_preferences(cfg: ChatDataConfig, tok: Tokenizer, seq_len: int) -> ChatD
             stats["dropped_overlong"] += 1
             continue
         stats["truncated"] += any(len(f.ids) < len(e.ids) for f, e in zip(fitted, pair))
-        key = json.dumps([prompt, chosen, rejected], sort_keys=True)
-        (val if in_validation(key, cfg.val_fraction) else train).append(tuple(fitted))
+        (val if in_validation(split_key(prompt), cfg.val_fraction) else train).append(tuple(fitted))
     return _checked(ChatData(train, val, stats), cfg.source)
 
 

@@ -321,8 +321,8 @@ class _Counter:
 
     def add(self, size: int, tokens: int) -> None:
         if self.bar is None:
-            self.bar = tqdm(total=None, unit="B", unit_scale=True, desc="prepare", disable=not self.progress,
-                            smoothing=0.1)
+            self.bar = tqdm(total=None, unit="B", unit_scale=True, desc="prepare", smoothing=0.1,
+                            disable=None if self.progress else True)  # None: on a terminal only
         self.bytes += size
         self.tokens += tokens
         self.bar.update(size)

@@ -21,8 +21,8 @@ def evaluate(scorer: Scorer, tasks: list[PreparedTask], rank: int = 0, world: in
     results = {}
     for prepared in tasks:
         unit = "tok" if prepared.stream is not None else "req"
-        with tqdm(total=prepared.size, desc=prepared.task.spec, unit=unit, disable=not show_progress or rank > 0,
-                  leave=False, dynamic_ncols=True) as bar:
+        with tqdm(total=prepared.size, desc=prepared.task.spec, unit=unit, leave=False, dynamic_ncols=True,
+                  disable=None if show_progress and rank == 0 else True) as bar:  # None: on a terminal only
             results[prepared.task.spec] = run_task(scorer, prepared, rank, world, reduce, bar.update)
     return results
 

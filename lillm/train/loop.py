@@ -263,7 +263,10 @@ class Trainer:
         self.engine.train()
         batches = iter(self.objective.loader)
         self._bar = tqdm(total=plan.max_steps, initial=progress.step, desc=self.objective.name, unit="step",
-                         disable=self.process.rank != 0, dynamic_ncols=True, mininterval=2.0, file=sys.stderr)
+                         # None: drawn on a terminal only. In a log file (`> log 2>&1`) its redraws would
+                         # glue themselves to the step lines, which carry the progress there.
+                         disable=True if self.process.rank != 0 else None,
+                         dynamic_ncols=True, mininterval=2.0, file=sys.stderr)
         gates = self._gate_gradients() if train.max_bad_steps > 0 else []
         self._watchdog.start()
         try:
