@@ -357,11 +357,11 @@ def test_fault_07_08_sigterm_mid_evaluation_and_sighup_save_then_exit(pretrain_s
 
 def test_fault_09_a_stopped_rank_ends_the_job_naming_it(pretrain_shards, tmp_path):
     """SIGSTOP one rank: the other waits in a collective, and its watchdog ends the job once no progress was made
-    for the bound (train.watchdog_s 5 here, or 20x the slowest step), naming the stopped rank and its step."""
+    for the bound (train.watchdog_s 15 here, or 20x the slowest step), naming the stopped rank and its step."""
     import psutil
 
     run_dir = tmp_path / "run"
-    proc = start(train_args(pretrain_shards, run_dir, 400, "--train.watchdog_s", "5"))
+    proc = start(train_args(pretrain_shards, run_dir, 400, "--train.watchdog_s", "15"))  # > a slow first step
     wait_for_step(run_dir, 4, proc)
     victim = next(psutil.Process(pid) for pid in ranks_of(run_dir)
                   if "--local_rank=1" in psutil.Process(pid).cmdline())
