@@ -54,6 +54,12 @@ def ws(tmp_path_factory, process_group, tokenizer_dir, pretrain_shards, chat_bas
                                                        "zero_optimization": {"stage": 2}}))
     (root / "empty.txt").write_text("")
     train_tokenizer([t.upper() for t in small_texts], vocab_size=1024, progress=False).save(root / "other_tok")
+    from lillm.data.prepare import prepare
+    from lillm.data.sources import open_source
+
+    (root / "upper.jsonl").write_text("".join(json.dumps({"text": t.upper()}) + "\n" for t in small_texts[:60]))
+    prepare(open_source(str(root / "upper.jsonl")), root / "other_tok", root / "shards_other_tok",
+            shard_tokens=50_000, val_fraction=0.1, num_workers=1, progress=False)
 
     def damaged_run(name, damage):  # the run's latest tag (step 2) damaged; step 1 stays intact
         shutil.copytree(root / "run", root / name)
@@ -116,6 +122,10 @@ def rows(w: Path) -> list[tuple[list[str], str]]:
           "--model.vocab_size", "1024"]
     post = ["--init_from", f"{w}/chatbase", "--ds_config", "zero2_cpu", "--train.run_dir", f"{w}/r2"]
     sft = ["sft", "--config", "sft-debug", *post]
+
+    def mix(sources: str, stages: str = "[]") -> list[str]:
+        return ["--data.sources", sources.replace("dir: S", f"dir: {w}/shards"), "--data.stages", stages]
+
     dpo = ["dpo", "--config", "dpo-debug", *post]
     return [
         # generate
@@ -218,6 +228,25 @@ def rows(w: Path) -> list[tuple[list[str], str]]:
         (["pretrain", *tr, "--train.run_dir", f"{w}/run", "--model.n_layers", "2"], "another model config"),
         (["pretrain", *tr, "--train.run_dir", f"{w}/run", "--ds_config", "zero2"],
          "it was trained in fp32 and this run's DeepSpeed config is bf16"),
+        # pretrain on a mixture (data.sources, data.stages)
+        (["pretrain", *tr, *mix("{a: {dir: S, weight: -1}, b: {dir: S}}")], "sources.a.weight must be a finite number"),
+        (["pretrain", *tr, *mix("{a: {dir: S, weight: 0}, b: {dir: S, weight: 0}}")], "sum to 0"),
+        (["pretrain", *tr, *mix("{a: {dir: S, weight: .nan}, b: {dir: S}}")], "sources.a.weight must be a finite"),
+        (["pretrain", *tr, *mix("{a: {dir: S}}", "[{until_step: 9, weights: {c: 1}}]")],
+         "stages[0].weights names 'c', which is not a source"),
+        (["pretrain", *tr, *mix("{a: {dir: S}}", "[{until_step: 9, weights: {a: .inf}}]")],
+         "stages[0].weights.a must be a finite number"),
+        (["pretrain", *tr, *mix("{a: {dir: S}, b: {dir: S}}", "[{until_step: 9, weights: {a: 1}}, "
+                                "{until_step: 5, weights: {b: 1}}]")], "stages go in order"),
+        (["pretrain", *tr, *mix("{a: {dir: S}}", "[{until_step: 9, weights: {a: 0}}]")], "stages[0].weights sum to 0"),
+        (["pretrain", *tr, *mix("{a: {dir: S}}", "[{until_step: 400, weights: {a: 1}}]")],
+         "until_step=400 is past the run's last step (300)"),
+        (["pretrain", *tr, "--data.stages", "[{until_step: 9, weights: {a: 1}}]"], "stages need data.sources"),
+        (["pretrain", *tr, *mix(f"{{a: {{dir: S}}, b: {{dir: {w}/shards_other_tok}}}}")],
+         "were prepared with different tokenizers"),
+        (["pretrain", *tr, *mix(f"{{a: {{dir: S}}, b: {{dir: {w}/nope}}}}")], "no manifest.json"),
+        (["pretrain", *tr, "--train.run_dir", f"{w}/run", "--train.seq_len", "32", "--train.micro_batch_size", "2",
+          "--train.grad_accum", "1", "--train.max_steps", "4", *mix("{a: {dir: S}}")], "trained on one data.dir"),
         # sft and dpo
         ([*sft, "--data.source", f"{w}/sft.jsonl", "--train.lr", ".inf"], "lr must be a finite number, got inf"),
         ([*sft, "--data.source", f"{w}/nope.jsonl"], "no such file"),

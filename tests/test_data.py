@@ -252,14 +252,13 @@ def test_global_stream_matches_rank_assignment(prepared):
     shards = ShardSet(prepared)
     seq, bsz, world = 32, 3, 2
     glob = PackedWindows(shards, seq, bsz, seed=1)
-    stream = glob.window_ids(np.arange(60))
     for rank in range(world):
         loader = PretrainLoader(shards, seq, bsz, rank, world, seed=1, num_workers=2)
         got = _collect(loader, 5)
         for m, batch in enumerate(got):
             q = m * world + rank
-            expect = [glob.read(int(w)) for w in stream[q * bsz : (q + 1) * bsz]]
-            assert np.array_equal(batch.numpy(), np.stack(expect))
+            expect = glob.tokens(np.arange(q * bsz, (q + 1) * bsz))
+            assert np.array_equal(batch.numpy(), expect)
 
 
 def _stream(shards, world, batches_per_rank, state=None):
@@ -296,8 +295,18 @@ def test_validation_windows_are_fixed(prepared):
     assert all((x == y).all() for x, y in zip(a, [split[q % 2][q // 2] for q in range(5)]))
 
 
-def _accelerate_worker(data_dir, out_dir, phase):
-    """One process of an `accelerate` job: the DataLoader path, then PretrainLoader resumed by accelerate."""
+def _mixture_windows(mix_dirs):
+    """A two-source mixture's global stream (rank 0 of 1), stages at 8 and 20 steps of 4 windows."""
+    from lillm.data.mixture import stage_schedule
+
+    schedule = stage_schedule(sorted(mix_dirs), [(8, {"a": 0.7, "b": 0.3}), (20, {"a": 0.25, "b": 0.75})],
+                              windows_per_step=4)
+    return PackedWindows({n: ShardSet(d) for n, d in mix_dirs.items()}, 16, 2, seed=4, schedule=schedule)
+
+
+def _accelerate_worker(data_dir, out_dir, phase, mix_dirs=None):
+    """One process of an `accelerate` job: the DataLoader path (one source, and a mixture), then PretrainLoader
+    resumed by accelerate."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
     from torch.utils.data import DataLoader
@@ -312,6 +321,12 @@ def _accelerate_worker(data_dir, out_dir, phase):
             if i == 9:
                 break
         out["dataloader"] = rows
+        rows = []
+        for i, batch in enumerate(acc.prepare(DataLoader(_mixture_windows(mix_dirs), batch_size=2))):
+            rows.extend(batch.tolist())
+            if i == 19:
+                break
+        out["mixture"] = rows
     # The documented path: lillm's loader knows its rank; accelerate checkpoints its state with the run's.
     loader = PretrainLoader(ShardSet(data_dir), 16, 2, acc.process_index, acc.num_processes, seed=4, num_workers=1)
     acc.register_for_checkpointing(loader)
@@ -327,12 +342,13 @@ def _accelerate_worker(data_dir, out_dir, phase):
         json.dump(out, fh)
 
 
-def test_accelerate_two_processes_read_each_window_once_and_resume(prepared, tmp_path):
+def test_accelerate_two_processes_read_each_window_once_and_resume(prepared, numbered, tmp_path):
+    mix = {"a": str(prepared), "b": str(numbered)}
     for phase in ("save", "load"):
         script = tmp_path / f"{phase}.py"
         script.write_text(
             f"import sys\nsys.path.insert(0, {str(REPO)!r})\nfrom tests.test_data import _accelerate_worker\n"
-            f"_accelerate_worker({str(prepared)!r}, {str(tmp_path)!r}, {phase!r})\n"
+            f"_accelerate_worker({str(prepared)!r}, {str(tmp_path)!r}, {phase!r}, {mix!r})\n"
         )
         # torchrun sets RANK/WORLD_SIZE; accelerate's Accelerator(cpu=True) then runs multi-CPU over gloo.
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)]
@@ -340,13 +356,17 @@ def test_accelerate_two_processes_read_each_window_once_and_resume(prepared, tmp
         assert r.returncode == 0, r.stderr[-3000:]
     saved = [json.loads((tmp_path / f"save{i}.json").read_text()) for i in range(2)]
     ds = PackedWindows(ShardSet(prepared), 16, 2, seed=4)
-    stream = [ds.read(int(w)).tolist() for w in ds.window_ids(np.arange(40))]
+    stream = ds.tokens(np.arange(40)).tolist()
     # Same assignment as the native path: micro-batch q goes to rank q % 2.
     for rank in range(2):
         expect = [stream[q * 2 + j] for q in range(rank, 20, 2) for j in range(2)]
         assert saved[rank]["dataloader"] == expect
     flat = [tuple(r) for rk in saved for r in rk["dataloader"]]
     assert len(set(flat)) == len(flat) == 40
+    # A mixture through Accelerator.prepare: the same windows as lillm's own ranks read, across a stage switch.
+    mixed = _mixture_windows(mix).tokens(np.arange(80)).tolist()
+    for rank in range(2):
+        assert saved[rank]["mixture"] == [mixed[q * 2 + j] for q in range(rank, 40, 2) for j in range(2)]
     # After accelerate's save_state / load_state, each process continues its stream where it was (with a
     # DataLoader worker reading ahead): micro-batches 6.. of the global stream, rank r taking q % 2 == r.
     for rank in range(2):

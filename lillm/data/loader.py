@@ -17,6 +17,12 @@ batch_size * num_processes), so a `PackedWindows` built with rank=0, world_size=
 native path. With dispatch_batches=True (accelerate's default for iterable datasets), rank 0 would read
 every batch and scatter it: correct, but it makes one process the data bottleneck, so lillm turns it off.
 
+Mixtures. With several sources (`data.sources`), position p first picks a source and that source's own
+position k: a deterministic interleave in proportion to the weights, whose counts are O(1) to compute
+(`lillm.data.mixture`); then window `perm_{k // N_s}(k % N_s)` of that source, in its own keyed order. The
+mixture may change at steps (`data.stages`) and on resume, each source continuing from its place. Everything
+below holds for mixtures as for one source: the position is still the whole state.
+
 The state. All ranks consume micro-batches in lockstep, so after k local micro-batches the global
 position is start + k * batch_size * world_size. That number (plus seed and the data's shape) is the whole
 state: it does not depend on the world size, so a run resumed on more or fewer ranks continues the same
@@ -33,6 +39,7 @@ import os
 import signal
 import time
 import weakref
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +48,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from lillm.data.mixture import Schedule, stage_schedule
 from lillm.data.prepare import verify
 from lillm.errors import UserError
 from lillm.files import read_json, sampled_sha256, write_json_atomic
@@ -175,16 +183,11 @@ _MADV_WILLNEED = getattr(mmap, "MADV_WILLNEED", None)
 SHARD_SAMPLES, SHARD_SAMPLE_BYTES = 5, 4096  # a shard's identity reads 20 KB of it, at 0, 1/4, 1/2, 3/4 and the end
 
 
-class PackedWindows(IterableDataset):
-    """Infinite stream of (seq_len + 1)-token windows for one rank; see the module docstring."""
+class SourceWindows:
+    """One source's windows: its shards cut into (seq_len + 1)-token windows, in its own keyed order per epoch."""
 
-    def __init__(self, shards: ShardSet, seq_len: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shuffle: bool = True, start: int = 0) -> None:
-        super().__init__()
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world_size {world_size}")
-        self.shards, self.seq_len, self.batch_size = shards, seq_len, batch_size
-        self.rank, self.world_size, self.seed, self.shuffle, self.start = rank, world_size, seed, shuffle, start
+    def __init__(self, shards: ShardSet, seq_len: int, seed: int = 0, shuffle: bool = True) -> None:
+        self.shards, self.seq_len, self.seed, self.shuffle = shards, seq_len, seed, shuffle
         per_shard = np.maximum((shards.tokens - 1) // seq_len, 0)
         self.cum = np.concatenate([[0], np.cumsum(per_shard)])
         self.num_windows = int(self.cum[-1])
@@ -195,7 +198,7 @@ class PackedWindows(IterableDataset):
             )
 
     def window_ids(self, positions: np.ndarray) -> np.ndarray:
-        """Global stream positions -> window indices."""
+        """The source's own stream positions -> window indices (epoch after epoch, each freshly permuted)."""
         epoch, idx = positions // self.num_windows, positions % self.num_windows
         if not self.shuffle:
             return idx
@@ -205,23 +208,21 @@ class PackedWindows(IterableDataset):
             out[sel] = permute(idx[sel], self.num_windows, self.seed, int(e))
         return out
 
-    def locate(self, window: int) -> tuple[int, int]:
-        """(shard, offset of its first token) of a window."""
-        s = int(np.searchsorted(self.cum, window, side="right") - 1)
-        return s, (window - int(self.cum[s])) * self.seq_len
+    def locate(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, offset of the first token) of each window."""
+        s = np.searchsorted(self.cum, windows, side="right") - 1
+        return s, (windows - self.cum[s]) * self.seq_len
 
     def will_need(self, windows: np.ndarray) -> None:
         """Ask for the windows' pages ahead of reading them (`ShardSet.will_need`)."""
-        spans = []
-        for w in windows:
-            s, off = self.locate(int(w))
-            spans.append((s, off, off + self.seq_len + 1))
-        self.shards.will_need(spans)
+        s, off = self.locate(windows)
+        self.shards.will_need([(int(a), int(b), int(b) + self.seq_len + 1) for a, b in zip(s, off)])
 
     def read(self, window: int) -> np.ndarray:
         """A window's tokens; an id outside the data's vocabulary (a damaged shard) is refused naming the shard
         and the token's offset, instead of an index error deep in the model."""
-        s, off = self.locate(window)
+        shard, start = self.locate(np.array([window]))
+        s, off = int(shard[0]), int(start[0])
         tokens = self.shards.maps()[s][off : off + self.seq_len + 1]
         if int(tokens.max()) >= self.shards.vocab_size:
             at = off + int(np.argmax(tokens >= self.shards.vocab_size))
@@ -230,23 +231,74 @@ class PackedWindows(IterableDataset):
                             f"with `lillm shards {self.shards.data_dir} --verify true`)")
         return tokens
 
+
+def source_seed(seed: int, name: str) -> int:
+    """The seed of a named source's window order in a mixture: its own, so that adding or reweighting another
+    source leaves each source's order alone."""
+    return int(np.random.SeedSequence([seed, zlib.crc32(name.encode())]).generate_state(1)[0])
+
+
+class PackedWindows(IterableDataset):
+    """Infinite stream of (seq_len + 1)-token windows for one rank; see the module docstring.
+
+    `shards` is one split (a single source: position p is its window stream's p-th) or {name: split}, a
+    mixture whose `schedule` (lillm.data.mixture) says which source each global position reads and at which
+    of that source's own positions; each named source has its own keyed order (`source_seed`)."""
+
+    def __init__(self, shards: ShardSet | dict[str, ShardSet], seq_len: int, batch_size: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, shuffle: bool = True, start: int = 0,
+                 schedule: Schedule | None = None) -> None:
+        super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.seq_len, self.batch_size = seq_len, batch_size
+        self.rank, self.world_size, self.seed, self.shuffle, self.start = rank, world_size, seed, shuffle, start
+        if isinstance(shards, ShardSet):
+            self.schedule = Schedule.single("")
+            self.sources = [SourceWindows(shards, seq_len, seed, shuffle)]
+        else:
+            if schedule is None:
+                raise ValueError("a mixture of sources needs a schedule")
+            self.schedule = schedule
+            self.sources = [SourceWindows(shards[n], seq_len, source_seed(seed, n), shuffle) for n in schedule.names]
+        self.num_windows = sum(s.num_windows for s in self.sources)  # one epoch of every source
+
+    def locate(self, positions: np.ndarray) -> list[tuple[int, int]]:
+        """Global stream positions -> (source index, window of that source) for each."""
+        source, own = self.schedule.assign(positions)
+        windows = np.empty_like(own)
+        for i in np.unique(source):
+            sel = source == i
+            windows[sel] = self.sources[i].window_ids(own[sel])
+        return list(zip(source.tolist(), windows.tolist()))
+
+    def will_need(self, located: list[tuple[int, int]]) -> None:
+        for i, src in enumerate(self.sources):
+            mine = np.array([w for s, w in located if s == i], dtype=np.int64)
+            if len(mine):
+                src.will_need(mine)
+
+    def tokens(self, positions: np.ndarray) -> np.ndarray:
+        """The windows at global positions, stacked: (len(positions), seq_len + 1)."""
+        return np.stack([self.sources[s].read(w) for s, w in self.locate(positions)])
+
     def __iter__(self) -> Iterator[torch.Tensor]:
         info = get_worker_info()
         wid, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
         m = wid
-        ids = self._micro_batch(m)
-        self.will_need(ids)
+        located = self._micro_batch(m)
+        self.will_need(located)
         while True:
             upcoming = self._micro_batch(m + nworkers)  # this reader's next micro-batch: requested before
             self.will_need(upcoming)                     # this one is read, so its reads overlap this one's
-            for w in ids:
-                yield torch.from_numpy(self.read(int(w)).astype(np.int64))
-            ids, m = upcoming, m + nworkers
+            for s, w in located:
+                yield torch.from_numpy(self.sources[s].read(w).astype(np.int64))
+            located, m = upcoming, m + nworkers
 
-    def _micro_batch(self, m: int) -> np.ndarray:
-        """The window ids of this rank's local micro-batch m."""
+    def _micro_batch(self, m: int) -> list[tuple[int, int]]:
+        """(source, window) of each row of this rank's local micro-batch m."""
         q = m * self.world_size + self.rank  # global micro-batch index
-        return self.window_ids(self.start + q * self.batch_size + np.arange(self.batch_size, dtype=np.int64))
+        return self.locate(self.start + q * self.batch_size + np.arange(self.batch_size, dtype=np.int64))
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -280,23 +332,44 @@ def _track_open(batches: Iterator[torch.Tensor]) -> None:
 
 
 class PretrainLoader:
-    """Batches (B, seq_len + 1) for one rank, with a world-size-independent `state_dict`."""
+    """Batches (B, seq_len + 1) for one rank, with a world-size-independent `state_dict`.
 
-    def __init__(self, shards: ShardSet, seq_len: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shuffle: bool = True, num_workers: int = 1, pin_memory: bool = False,
-                 allow_changed: bool = False) -> None:
+    `shards` is one split, or {name: split} for a mixture: then `stages` lists (end step, {name: weight}) (one
+    stage with any end step for a fixed mixture; after the last stage its mixture goes on) and
+    `windows_per_step` (micro-batch x accumulation x world size) turns their steps into stream positions."""
+
+    def __init__(self, shards: ShardSet | dict[str, ShardSet], seq_len: int, batch_size: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, shuffle: bool = True, num_workers: int = 1,
+                 pin_memory: bool = False, allow_changed: bool = False,
+                 stages: list[tuple[int, dict[str, float]]] | None = None, windows_per_step: int = 0,
+                 say: Callable[[str], None] | None = None) -> None:
         self.shards, self.seq_len, self.batch_size = shards, seq_len, batch_size
         self.allow_changed = allow_changed  # resume on data whose bytes differ from the checkpoint's
-        self.data_identity = shards.identity()
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.say = say or (lambda line: None)
         self.position = 0  # global windows consumed before the current iterator started
         self.served = 0  # micro-batches handed out by the current iterator
-        self.num_windows = self._dataset().num_windows
+        self.mixed = not isinstance(shards, ShardSet)
+        if self.mixed:
+            if not stages:
+                raise ValueError("a mixture of sources needs its stages")
+            self.stages = stages
+            self.windows_per_step = windows_per_step or batch_size * world_size
+            self.schedule: Schedule | None = stage_schedule(list(shards), stages,
+                                                            windows_per_step=self.windows_per_step)
+            self.anchor = (0, 0)  # (step, global position) from which steps are counted
+            self.data_identity: dict[str, Any] = {name: s.identity() for name, s in shards.items()}
+        else:
+            self.schedule = None
+            self.data_identity = shards.identity()
+        ds = self._dataset()
+        self.num_windows = ds.num_windows
+        self.source_windows = {name: src.num_windows for name, src in zip(ds.schedule.names, ds.sources)}
 
     def _dataset(self) -> PackedWindows:
         return PackedWindows(self.shards, self.seq_len, self.batch_size, self.rank, self.world_size, self.seed,
-                             self.shuffle, self.position)
+                             self.shuffle, self.position, self.schedule)
 
     @property
     def global_position(self) -> int:
@@ -304,11 +377,26 @@ class PretrainLoader:
 
     @property
     def fingerprint(self) -> str:
-        return self.shards.fingerprint
+        shards = self.shards if isinstance(self.shards, ShardSet) else next(iter(self.shards.values()))
+        return shards.fingerprint
 
     @property
     def epoch(self) -> float:
         return self.global_position / self.num_windows
+
+    @property
+    def step(self) -> tuple[int, int]:
+        """(the optimizer step the stream is in, the global position at which that step started): a mixture's
+        stages are in steps."""
+        done = (self.global_position - self.anchor[1]) // self.windows_per_step
+        return self.anchor[0] + done, self.anchor[1] + done * self.windows_per_step
+
+    def source_progress(self) -> dict[str, tuple[int, float]]:
+        """A mixture's sources: name -> (windows read so far, epochs of that source read)."""
+        if self.schedule is None:
+            return {}
+        counts = self.schedule.counts(self.global_position)
+        return {name: (int(c), int(c) / self.source_windows[name]) for name, c in zip(self.schedule.names, counts)}
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         batches = self._batches()
@@ -346,25 +434,77 @@ class PretrainLoader:
             del loader
 
     def state_dict(self) -> dict[str, Any]:
-        return {"position": self.global_position, "seed": self.seed, "shuffle": self.shuffle,
-                "seq_len": self.seq_len, "num_windows": self.num_windows, "fingerprint": self.shards.fingerprint,
-                "data": self.data_identity}
+        state = {"position": self.global_position, "seed": self.seed, "shuffle": self.shuffle,
+                 "seq_len": self.seq_len, "num_windows": self.num_windows, "fingerprint": self.fingerprint,
+                 "data": self.data_identity}
+        if self.schedule is not None:
+            step, step_position = self.step
+            state.update(step=step, step_position=step_position, schedule=self.schedule.to_dict(),
+                         sources={name: {"dir": str(s.data_dir), "num_windows": self.source_windows[name]}
+                                  for name, s in self.shards.items()})
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("seq_len", "num_windows", "shuffle", "fingerprint"):
+        saved_mixed = "schedule" in state
+        if saved_mixed != self.mixed:
+            raise UserError("cannot resume the data stream: the checkpoint was trained on "
+                            + (f"a mixture of data.sources ({', '.join(state['schedule']['names'])}), and this run "
+                               "reads one data.dir" if saved_mixed else
+                               "one data.dir, and this run reads a mixture of data.sources"))
+        keys = ("seq_len", "shuffle", "fingerprint") + (() if self.mixed else ("num_windows",))
+        for key in keys:
             if state.get(key) != getattr(self, key):
                 raise UserError(
                     f"cannot resume the data stream: {key} was {state.get(key)!r} when saved, now "
                     f"{getattr(self, key)!r} (the data or seq_len changed)"
                 )
-        if "data" in state and not self.allow_changed:  # checkpoints from before the record are not checked
-            try:
-                self.shards.check_identity(state["data"], self.data_identity)
-            except UserError as e:
-                raise UserError(f"cannot resume the data stream: {e}; to resume on this data anyway, at the same "
-                                "position in it, set --data.allow_changed true") from None
+        if self.mixed:
+            self._check_sources(state)
+        elif "data" in state and not self.allow_changed:  # checkpoints from before the record are not checked
+            self._check_identity(self.shards, state["data"], self.data_identity)
         self.seed = state["seed"]
         self.position, self.served = int(state["position"]), 0
+        if self.mixed:
+            self._resume_schedule(Schedule.from_dict(state["schedule"]), int(state["step"]),
+                                  int(state["step_position"]))
+
+    def _check_identity(self, shards: ShardSet, saved: dict[str, Any], now: dict[str, Any]) -> None:
+        try:
+            shards.check_identity(saved, now)
+        except UserError as e:
+            raise UserError(f"cannot resume the data stream: {e}; to resume on this data anyway, at the same "
+                            "position in it, set --data.allow_changed true") from None
+
+    def _check_sources(self, state: dict[str, Any]) -> None:
+        """Every source of the checkpoint is still here, with as many windows and (unless allow_changed) the
+        same bytes; a source added since is welcome."""
+        for name, saved in state["sources"].items():
+            if name not in self.shards:
+                raise UserError(f"cannot resume the data stream: source {name!r} ({saved['dir']}) was in the mixture "
+                                f"the checkpoint was trained on and is not in data.sources now "
+                                f"({', '.join(self.shards)}); a source's weight can be 0 in a stage instead")
+            if saved["num_windows"] != self.source_windows[name]:
+                raise UserError(f"cannot resume the data stream: source {name!r} ({self.shards[name].data_dir}) has "
+                                f"{self.source_windows[name]:,} windows, {saved['num_windows']:,} when saved (its "
+                                "data or seq_len changed)")
+            if not self.allow_changed:
+                self._check_identity(self.shards[name], state["data"][name], self.data_identity[name])
+
+    def _resume_schedule(self, saved: Schedule, step: int, step_position: int) -> None:
+        """Continue the saved schedule under this run's stages from the saved position (see
+        `Schedule.resumed`), and say so in one line when the mixture changed. The stages' later steps are
+        counted from `step`, which started at global position `step_position`."""
+        position = self.position
+        future = stage_schedule(list(self.shards), self.stages, step, step_position, self.windows_per_step)
+        self.schedule, changed = saved.resumed(position, future)
+        self.anchor = (step, step_position)
+        if changed:
+            before = ", ".join(f"{n} {s:.3g}" for n, s in saved.shares(position).items())
+            now = ", ".join(f"{n} {s:.3g}" for n, s in self.schedule.shares(position).items())
+            places = ", ".join(f"{n} at window {c:,}" for n, c in zip(self.schedule.names,
+                                                                       self.schedule.counts(position)))
+            self.say(f"data mixture changed on resume at step {step}: shares were {before}, now {now} (and the "
+                     f"stages from here as configured); each source continues from its place ({places})")
 
 
 def validation_windows(shards: ShardSet, seq_len: int, batch_size: int, num_batches: int, rank: int = 0,
@@ -372,10 +512,10 @@ def validation_windows(shards: ShardSet, seq_len: int, batch_size: int, num_batc
     """This rank's share of a fixed validation set: the first num_batches micro-batches of the split, read
     in order, micro-batch q going to rank q % world_size. The set is the same on every call, every run and
     at every world size."""
-    ds = PackedWindows(shards, seq_len, batch_size, seed=0, shuffle=False)
+    src = SourceWindows(shards, seq_len, shuffle=False)
     for q in range(rank, num_batches, world_size):
-        ids = ds.window_ids(np.arange(q * batch_size, (q + 1) * batch_size, dtype=np.int64))
-        yield torch.from_numpy(np.stack([ds.read(int(w)) for w in ids]).astype(np.int64))
+        ids = src.window_ids(np.arange(q * batch_size, (q + 1) * batch_size, dtype=np.int64))
+        yield torch.from_numpy(np.stack([src.read(int(w)) for w in ids]).astype(np.int64))
 
 
 def _shard_stats(data_dir: Path) -> dict[str, Any]:

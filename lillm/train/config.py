@@ -13,11 +13,41 @@ from lillm.files import strict_yaml_load, use_strict_yaml
 
 
 @dataclass
+class SourceConfig:
+    """One prepared dataset of a mixture."""
+
+    dir: str
+    """Directory written by `lillm prepare`; every source of a mixture must use the same tokenizer."""
+    weight: float = 1.0
+    """Share of the training windows read from this source (weights are normalised; with data.stages, what
+    the total validation loss is weighted by)."""
+
+
+@dataclass
+class StageConfig:
+    """A part of the run with its own mixture."""
+
+    until_step: int
+    """The step at which this stage ends (the next one, if any, starts there)."""
+    weights: dict[str, float]
+    """Weight of each source (by its name in data.sources) during the stage; a source left out has weight 0."""
+
+
+@dataclass
 class DataConfig:
     """Where the token shards are and how they are read."""
 
     dir: str = "data/pydoc"
-    """Directory written by `lillm prepare` (holds manifest.json and the tokenizer)."""
+    """Directory written by `lillm prepare` (holds manifest.json and the tokenizer); unused when data.sources
+    is set."""
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    """A mixture: name -> {dir, weight}, e.g. {web: {dir: data/owt, weight: 0.8}, code: {dir: data/code,
+    weight: 0.2}}; each training position reads one source, in proportion to the weights, and each source's
+    validation split is scored on its own (val/<name>/loss, val/<name>/bpb)."""
+    stages: list[StageConfig] = field(default_factory=list)
+    """With data.sources: the mixture changes at steps, e.g. [{until_step: 800, weights: {web: 0.8, code: 0.2}},
+    {until_step: 1000, weights: {web: 0.5, code: 0.5}}]; in order, the last ending at or before max_steps (its
+    mixture then goes on to the end). Empty: the sources' weights throughout."""
     shuffle: bool = True
     """Shuffle windows each epoch (deterministically, by seed and epoch); false reads in order."""
     num_workers: int = 1
@@ -32,8 +62,42 @@ class DataConfig:
     position."""
 
     def __post_init__(self) -> None:
+        problems = []
         if self.num_workers < 0:
-            raise ValueError(f"invalid DataConfig: num_workers must be >= 0, got {self.num_workers}")
+            problems.append(f"num_workers must be >= 0, got {self.num_workers}")
+        names = list(self.sources)
+        for name, src in self.sources.items():
+            if not name or "/" in name:
+                problems.append(f"sources: {name!r} is not a usable source name (not empty, no '/')")
+            if not math.isfinite(src.weight) or src.weight < 0:
+                problems.append(f"sources.{name}.weight must be a finite number >= 0, got {src.weight}")
+        if self.sources and not problems and math.fsum(s.weight for s in self.sources.values()) <= 0:
+            problems.append("the weights of data.sources sum to 0: give at least one source a positive weight")
+        if self.stages and not self.sources:
+            problems.append("stages need data.sources (the weights name sources)")
+        previous = 0
+        for k, stage in enumerate(self.stages if self.sources else []):
+            where = f"stages[{k}]"
+            if stage.until_step <= previous:
+                problems.append(f"{where}.until_step={stage.until_step} must be after "
+                                + (f"the previous stage's ({previous}): stages go in order" if k else "step 0"))
+            previous = max(previous, stage.until_step)
+            for name, w in stage.weights.items():
+                if name not in self.sources:
+                    problems.append(f"{where}.weights names {name!r}, which is not a source (sources: "
+                                    f"{', '.join(names) or 'none'})")
+                elif not math.isfinite(w) or w < 0:
+                    problems.append(f"{where}.weights.{name} must be a finite number >= 0, got {w}")
+            if not stage.weights or all(math.isfinite(w) and w == 0 for w in stage.weights.values()):
+                problems.append(f"{where}.weights sum to 0: give at least one source a positive weight")
+        if problems:
+            raise ValueError("invalid DataConfig: " + "; ".join(problems))
+
+    def mixture(self) -> list[tuple[int, dict[str, float]]]:
+        """The stages as (end step, {source: weight}), the sources' weights as one stage when none are given."""
+        if self.stages:
+            return [(s.until_step, {n: float(s.weights.get(n, 0.0)) for n in self.sources}) for s in self.stages]
+        return [(0, {n: s.weight for n, s in self.sources.items()})]
 
 
 @dataclass

@@ -25,8 +25,8 @@ from lillm.scoring import Score, byte_table, score_windows
 from lillm.tokenizer import Tokenizer, load_tokenizer
 from lillm.train.assemble import Task, assemble
 from lillm.train.checkpoint import RunIdentity
-from lillm.train.config import BatchPlan, DataConfig, TrainConfig, new_parser, parse, resolve_seq_len
-from lillm.train.dist import Process, all_reduce, run_training
+from lillm.train.config import BatchPlan, DataConfig, TrainConfig, new_parser, parse, plan_batches, resolve_seq_len
+from lillm.train.dist import Process, all_reduce, launched_world_size, run_training
 from lillm.train.ds_config import load_ds_config, resolve_ds_config
 from lillm.train.loop import Objective, Trainer, perplexity, until_stopped
 from lillm.train.loss import token_loss
@@ -70,11 +70,18 @@ class LanguageModeling(Objective):
 
     name = "pretrain"
 
-    def __init__(self, loader: PretrainLoader, val_shards: ShardSet, tokenizer: Tokenizer, model_cfg: ModelConfig,
-                 train: TrainConfig, plan: BatchPlan, process: Process) -> None:
-        self.loader, self.val_shards, self.tokenizer, self.model_cfg = loader, val_shards, tokenizer, model_cfg
+    def __init__(self, loader: PretrainLoader, val_shards: dict[str, ShardSet], tokenizer: Tokenizer,
+                 model_cfg: ModelConfig, train: TrainConfig, plan: BatchPlan, process: Process,
+                 val_weights: dict[str, float] | None = None) -> None:
+        """`val_shards`: the validation split of each source by name ('' for a single data.dir); with several,
+        each is scored on its own and the total is weighted by `val_weights`."""
+        self.loader, self.tokenizer, self.model_cfg = loader, tokenizer, model_cfg
         self.train, self.plan, self.process, self.device = train, plan, process, process.device
-        self.has_validation = int(val_shards.tokens.sum()) > plan.seq_len
+        self.val_shards = {name: v for name, v in val_shards.items() if int(v.tokens.sum()) > plan.seq_len}
+        weights = {name: (val_weights or {}).get(name, 1.0) for name in self.val_shards}
+        total = sum(weights.values()) or 1.0
+        self.val_weights = {name: w / total for name, w in weights.items()}
+        self.has_validation = bool(self.val_shards)
         self.flops_per_token = model_cfg.flops_per_token(plan.seq_len)
         self.normalizer = plan.micro_batch_size * plan.seq_len  # every window is full: the micro-batch mean
         self.byte_table = byte_table(tokenizer.token_bytes(model_cfg.vocab_size), self.device)
@@ -86,17 +93,33 @@ class LanguageModeling(Objective):
         return token_loss(engine(batch[:, :-1]), batch[:, 1:], self.normalizer)
 
     def window_scalars(self) -> dict[str, float]:
-        return {"train/epoch": self.loader.epoch}
+        scalars = {"train/epoch": self.loader.epoch}
+        for name, (windows, epochs) in self.loader.source_progress().items():
+            scalars[f"train/tokens/{name}"] = windows * self.plan.seq_len
+            scalars[f"train/epoch/{name}"] = epochs
+        return scalars
 
     def evaluate(self, engine: Any) -> dict[str, float]:
-        """Mean loss, perplexity and bits per byte over the fixed validation windows (summed over ranks)."""
-        score = Score()
-        windows = validation_windows(self.val_shards, self.plan.seq_len, self.plan.micro_batch_size,
-                                     self.train.eval_batches, self.process.rank, self.process.world)
-        for batch in until_stopped(engine, windows):
-            score += score_windows(engine, batch.to(self.device), self.byte_table)
-        total = Score(*all_reduce([score.nats, score.tokens, score.bytes], self.device))
-        return {"val/loss": total.loss, "val/perplexity": perplexity(total.loss), "val/bpb": total.bits_per_byte}
+        """Mean loss, perplexity and bits per byte over the fixed validation windows (summed over ranks). With
+        several sources, each source's (val/<name>/loss, val/<name>/bpb) and their weighted mean as the total."""
+        scores = {}
+        for name, shards in self.val_shards.items():
+            score = Score()
+            windows = validation_windows(shards, self.plan.seq_len, self.plan.micro_batch_size,
+                                         self.train.eval_batches, self.process.rank, self.process.world)
+            for batch in until_stopped(engine, windows):
+                score += score_windows(engine, batch.to(self.device), self.byte_table)
+            scores[name] = Score(*all_reduce([score.nats, score.tokens, score.bytes], self.device))
+        if list(scores) == [""]:
+            total = scores[""]
+            return {"val/loss": total.loss, "val/perplexity": perplexity(total.loss), "val/bpb": total.bits_per_byte}
+        loss = sum(self.val_weights[n] * s.loss for n, s in scores.items())
+        out = {"val/loss": loss, "val/perplexity": perplexity(loss),
+               "val/bpb": sum(self.val_weights[n] * s.bits_per_byte for n, s in scores.items())}
+        for name, score in scores.items():
+            out[f"val/{name}/loss"] = score.loss
+            out[f"val/{name}/bpb"] = score.bits_per_byte
+        return out
 
     def sample(self, model: LilLM) -> str:
         prompt = self.train.sample_prompt
@@ -124,32 +147,71 @@ def model_for_data(model_cfg: ModelConfig, data_vocab: int, data_dir: str) -> Mo
     return model_cfg
 
 
+def sources(data: DataConfig) -> dict[str, str]:
+    """The run's prepared directories by source name: data.sources, or {'': data.dir}."""
+    return {name: src.dir for name, src in data.sources.items()} or {"": data.dir}
+
+
+def check_mixture(data: DataConfig, dirs: dict[str, str], max_steps: int) -> None:
+    """A mixture's sources share one tokenizer, and its stages end within the run."""
+    first, first_tok = "", None
+    for name, d in dirs.items():
+        tok = read_manifest(d)["tokenizer"]
+        if first_tok is None:
+            first, first_tok = d, tok
+        elif tok["fingerprint"] != first_tok["fingerprint"] or tok["vocab_size"] != first_tok["vocab_size"]:
+            raise UserError(f"data.sources: {first} and {d} were prepared with different tokenizers (vocab "
+                            f"{first_tok['vocab_size']}, fingerprint {first_tok['fingerprint'][:12]}; vocab "
+                            f"{tok['vocab_size']}, fingerprint {tok['fingerprint'][:12]}): a mixture needs one "
+                            f"tokenizer, so prepare {name!r} again with the other's")
+    if data.stages and data.stages[-1].until_step > max_steps:
+        raise UserError(f"data.stages[{len(data.stages) - 1}].until_step={data.stages[-1].until_step} is past the "
+                        f"run's last step ({max_steps:,}): end the last stage at or before max_steps")
+
+
 def task(cfg: RunConfig) -> Task:
     """Pretraining's part of the run: the token shards (checked before the process group exists), a freshly
     initialised model, and its objective."""
     train = cfg.train
-    read_manifest(cfg.data.dir)  # a directory that is not prepared data says so before its tokenizer is missed
-    tokenizer = load_tokenizer(Path(cfg.data.dir) / "tokenizer")
-    shards = ShardSet(cfg.data.dir, "train", tokenizer=tokenizer)  # sizes; --data.verify hashes with the ranks
-    val_shards = ShardSet(cfg.data.dir, "val")
-    model_cfg = model_for_data(cfg.model, tokenizer.vocab_size, cfg.data.dir)
+    dirs = sources(cfg.data)
+    for d in dirs.values():
+        read_manifest(d)  # a directory that is not prepared data says so before its tokenizer is missed
+    first_dir = next(iter(dirs.values()))
+    tokenizer = load_tokenizer(Path(first_dir) / "tokenizer")
+    model_cfg = model_for_data(cfg.model, tokenizer.vocab_size, first_dir)
     seq_len = resolve_seq_len(train, model_cfg.max_seq_len, "model.max_seq_len")
+    check_mixture(cfg.data, dirs, plan_batches(train, seq_len, launched_world_size()).max_steps)
+    train_shards = {n: ShardSet(d, "train", tokenizer=tokenizer) for n, d in dirs.items()}  # sizes; --data.verify
+    val_shards = {n: ShardSet(d, "val") for n, d in dirs.items()}                           # hashes with the ranks
     torch.manual_seed(train.seed)
     model = LilLM(model_cfg, activation_checkpointing=train.activation_checkpointing)
     model.init_weights()
+    mixed = bool(cfg.data.sources)
 
     def make_objective(process: Process, plan: BatchPlan, engine: Any) -> LanguageModeling:
-        loader = PretrainLoader(shards, plan.seq_len, plan.micro_batch_size, process.rank, process.world,
-                                seed=train.seed, shuffle=cfg.data.shuffle, num_workers=cfg.data.num_workers,
-                                pin_memory=process.device.type == "cuda", allow_changed=cfg.data.allow_changed)
-        return LanguageModeling(loader, val_shards, tokenizer, model_cfg, train, plan, process)
+        loader = PretrainLoader(train_shards if mixed else train_shards[""], plan.seq_len, plan.micro_batch_size,
+                                process.rank, process.world, seed=train.seed, shuffle=cfg.data.shuffle,
+                                num_workers=cfg.data.num_workers, pin_memory=process.device.type == "cuda",
+                                allow_changed=cfg.data.allow_changed,
+                                stages=cfg.data.mixture() if mixed else None,
+                                windows_per_step=plan.micro_batch_size * plan.grad_accum * plan.world_size,
+                                say=process.log.info)
+        val_weights = {n: s.weight for n, s in cfg.data.sources.items()}
+        return LanguageModeling(loader, val_shards, tokenizer, model_cfg, train, plan, process, val_weights)
 
     def describe(trainer: Trainer) -> str:
         plan, loader = trainer.plan, trainer.objective.loader
+        mixture = ""
+        if loader.schedule is not None:
+            shares = ", ".join(f"{n} {s:.3g}" for n, s in loader.schedule.shares(loader.global_position).items())
+            later = sum(s.until_step > loader.step[0] for s in cfg.data.stages) - 1
+            stages = f" then {later} more stage(s)" if later > 0 else ""
+            mixture = f"; mixture of {len(dirs)} sources: {shares}{stages}"
         return (f"pretraining: {model.num_params():,} parameters; micro batch {plan.micro_batch_size} x seq "
                 f"{plan.seq_len} x accum {plan.grad_accum} x {plan.world_size} = {plan.tokens_per_step:,} "
                 f"tokens/step; {plan.max_steps:,} steps ({plan.max_steps * plan.tokens_per_step:,} tokens); "
-                f"{loader.num_windows:,} windows per epoch; data position {loader.global_position:,} windows")
+                f"{loader.num_windows:,} windows per epoch{mixture}; data position {loader.global_position:,} "
+                "windows")
 
     def check_data(process: Process) -> None:
         def gather(problem: str) -> list[str]:
@@ -159,8 +221,9 @@ def task(cfg: RunConfig) -> Task:
             torch.distributed.all_gather_object(out, problem)
             return out
 
-        process.log.info(verify_once(cfg.data.dir, Path(train.run_dir) / DATA_VERIFIED, process.rank, process.world,
-                                     gather))
+        for name, d in dirs.items():
+            record = Path(train.run_dir) / (DATA_VERIFIED if not mixed else f"data-verified-{name}.json")
+            process.log.info(verify_once(d, record, process.rank, process.world, gather))
 
     identity = RunIdentity("pretrain", model_cfg.to_dict(), tokenizer.fingerprint, dataclasses.asdict(train))
     return Task(model, tokenizer, identity, seq_len, make_objective, describe,
