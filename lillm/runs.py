@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,16 @@ def tensorboard_dir(run_dir: str | os.PathLike) -> Path:
     """Where a run's TensorBoard events go: a folder named as the run, so that `tensorboard --logdir
     RUN/tensorboard` shows the run by its name (events directly in the log dir show as ".")."""
     return Path(run_dir) / "tensorboard" / (Path(run_dir).resolve().name or "run")
+
+
+def tensorboard_hint(run_dir: str | os.PathLike, pinned: list[str]) -> str:
+    """How to look at a run: the `tensorboard` command, and the address that opens it with the `pinned` scalar
+    cards at the top (TensorBoard's Time Series view lists groups alphabetically, so `perf/` would come first;
+    its `pinnedCards` query parameter pins cards from the address)."""
+    cards = json.dumps([{"plugin": "scalars", "tag": tag} for tag in pinned], separators=(",", ":"))
+    return (f"TensorBoard: tensorboard --logdir {tensorboard_dir(run_dir).parent}, then open "
+            f"http://localhost:6006/?pinnedCards={urllib.parse.quote(cards, safe='/:,')}#timeseries "
+            f"({', '.join(pinned)} pinned at the top)")
 
 
 def checkpoints_dir(run_dir: str | os.PathLike) -> Path:

@@ -435,3 +435,19 @@ def test_metrics_jsonl_never_ends_in_a_cut_line(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=rf"{jsonl}: No space left on device"):
         writer.scalars({"train/loss": 1.25}, 2)
     assert jsonl.read_text() == json.dumps({"step": 1, "train/loss": 1.5}) + "\n"
+
+
+def test_the_tensorboard_address_pins_the_first_cards():
+    """TensorBoard lists groups alphabetically (perf/ first); the address lillm prints pins the cards a user
+    looks at first, in the form TensorBoard's `pinnedCards` query parameter reads (a JSON list of
+    {plugin, tag})."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from lillm.runs import tensorboard_hint
+
+    hint = tensorboard_hint("runs/x", ["train/loss", "val/loss", "val/pydoc/bpb"])
+    assert hint.startswith("TensorBoard: tensorboard --logdir runs/x/tensorboard, then open http://localhost:6006/?")
+    url = urlsplit(hint.split("then open ", 1)[1].split()[0])
+    assert url.fragment == "timeseries"
+    cards = json.loads(parse_qs(url.query)["pinnedCards"][0])
+    assert cards == [{"plugin": "scalars", "tag": t} for t in ("train/loss", "val/loss", "val/pydoc/bpb")]

@@ -34,6 +34,7 @@ from lillm.generate import SamplingConfig, generate
 from lillm.loading import load_model
 from lillm.lora import LoRAConfig, adapters_disabled, apply_lora, base_fingerprint
 from lillm.model import LilLM
+from lillm.runs import tensorboard_hint
 from lillm.tokenizer import Tokenizer
 from lillm.train.assemble import Task, assemble
 from lillm.train.checkpoint import RunIdentity
@@ -136,7 +137,9 @@ class ChatObjective(Objective):
 
     def done_hint(self) -> str:
         run_dir = self.train.run_dir
-        return f"export with: lillm export {run_dir} OUT; chat with: lillm chat {run_dir}"
+        pinned = ["train/loss", "val/loss"] + (["val/accuracy", "val/reward_margin"] if self.name == "dpo" else [])
+        return (f"export with: lillm export {run_dir} OUT; chat with: lillm chat {run_dir}; "
+                + tensorboard_hint(run_dir, pinned))
 
 
 class SFT(ChatObjective):

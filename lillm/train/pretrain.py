@@ -20,7 +20,7 @@ from lillm.data.prepare import read_manifest
 from lillm.errors import UserError
 from lillm.generate import SamplingConfig, generate
 from lillm.model import LilLM
-from lillm.runs import DATA_VERIFIED, tensorboard_dir
+from lillm.runs import DATA_VERIFIED, tensorboard_hint
 from lillm.scoring import Score, byte_table, score_windows
 from lillm.tokenizer import Tokenizer, load_tokenizer
 from lillm.train.assemble import Task, assemble
@@ -132,7 +132,8 @@ class LanguageModeling(Objective):
         return {f"model.{k}": v for k, v in self.model_cfg.to_dict().items()}
 
     def done_hint(self) -> str:
-        return f"TensorBoard: tensorboard --logdir {tensorboard_dir(self.train.run_dir).parent}"
+        per_source = [f"val/{name}/loss" for name in self.val_shards if name]
+        return tensorboard_hint(self.train.run_dir, ["train/loss", "val/loss", "val/bpb", *per_source])
 
 
 def model_for_data(model_cfg: ModelConfig, data_vocab: int, data_dir: str) -> ModelConfig:
