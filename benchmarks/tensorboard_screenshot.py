@@ -5,7 +5,8 @@
 
 Starts `tensorboard` on a free port, waits until it answers, and has headless Chromium (Debian's `chromium`
 package) load the Time Series view with the cards pinned as `lillm.runs.tensorboard_hint` pins them. What it
-shows is what a user sees on opening that address.
+shows is what a user sees on opening that address (drawn as SVG: without a GPU, headless Chromium leaves some
+of TensorBoard's WebGL charts blank).
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def main() -> None:
                     sys.exit("tensorboard_screenshot: TensorBoard did not start")
                 time.sleep(0.5)
         url = tensorboard_hint(args.run_dir, args.pin).split("then open ", 1)[1].split()[0]
-        url = url.replace("localhost:6006", f"127.0.0.1:{port}")
+        # forceSVG: headless Chromium without a GPU draws only some of TensorBoard's WebGL charts.
+        url = url.replace("localhost:6006", f"127.0.0.1:{port}").replace("#timeseries", "&forceSVG=true#timeseries")
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                         f"--window-size={args.size}", f"--virtual-time-budget={args.wait * 1000}",

@@ -25,9 +25,11 @@ if [ "$MIX" = 1 ]; then
   fi
   DATA_ARGS=(--config launch/configs/mix-debug.yaml)
   BPB="bpb:$DATA,bpb:data/code"
+  PINS=(train/loss val/loss val/bpb val/pydoc/loss val/stdlib/loss)
 else
   DATA_ARGS=(--config launch/configs/debug.yaml --data.dir "$DATA")
   BPB="bpb:$DATA"
+  PINS=(train/loss val/loss val/bpb)
 fi
 
 if command -v nvidia-smi >/dev/null 2>&1 && NGPU=$(nvidia-smi -L 2>/dev/null | grep -c GPU) && [ "$NGPU" -gt 0 ]; then
@@ -48,5 +50,5 @@ echo "== evaluation of $RUN: bits per byte on the held-out split, the built-in t
 lillm eval "$RUN" --tasks "$BPB,pydoc-continuation" --out "$RUN/eval.json"
 echo
 python -c 'import sys; from lillm.runs import tensorboard_hint; print(tensorboard_hint(sys.argv[1], sys.argv[2:]))' \
-  "$RUN" train/loss val/loss val/bpb
-echo "Export:      lillm export $RUN exported/debug"
+  "$RUN" "${PINS[@]}"
+echo "Export:      lillm export $RUN exported/$(basename "$RUN")"

@@ -50,10 +50,12 @@ def tensorboard_dir(run_dir: str | os.PathLike) -> Path:
 def tensorboard_hint(run_dir: str | os.PathLike, pinned: list[str]) -> str:
     """How to look at a run: the `tensorboard` command, and the address that opens it with the `pinned` scalar
     cards at the top (TensorBoard's Time Series view lists groups alphabetically, so `perf/` would come first;
-    its `pinnedCards` query parameter pins cards from the address)."""
+    its `pinnedCards` query parameter pins cards from the address), unsmoothed: lillm's train scalars are already
+    means over their log interval, and TensorBoard's default smoothing (0.6) would drag a handful of evaluations
+    far from their values."""
     cards = json.dumps([{"plugin": "scalars", "tag": tag} for tag in pinned], separators=(",", ":"))
     return (f"TensorBoard: tensorboard --logdir {tensorboard_dir(run_dir).parent}, then open "
-            f"http://localhost:6006/?pinnedCards={urllib.parse.quote(cards, safe='/:,')}#timeseries "
+            f"http://localhost:6006/?pinnedCards={urllib.parse.quote(cards, safe='/:,')}&smoothing=0#timeseries "
             f"({', '.join(pinned)} pinned at the top)")
 
 

@@ -200,7 +200,8 @@ def test_every_train_option_of_every_entry_point_is_used(process_group, task, pr
              "--train.global_batch_tokens", str(2 * 2 * seq), "--train.max_bad_steps", "2",
              "--train.eval_interval", "2", "--train.sample_tokens", "2", "--train.ckpt_interval", "2",
              "--train.activation_checkpointing", "true", "--train.tensorboard", "true",
-             "--train.optimizer", "muon", "--train.grad_clip", "0"]  # muon reads the AdamW options too
+             "--train.optimizer", "muon", "--train.grad_clip", "0",  # muon reads the AdamW options too
+             "--train.warmup_steps", "null", "--train.warmup_fraction", "0.3"]  # the warmup from the fraction
     if task == "pretrain":
         trainer = pretrainer(pretrain_shards, tmp_path / task, *extra, record=True)
     else:

@@ -107,7 +107,7 @@ def test_every_shipped_yaml_parses(path):
         assert cfg.model.num_params() == 39_596_544
         plan = plan_batches(cfg.train, cfg.model.max_seq_len, 2)
         assert plan.tokens_per_step == 524_288 and 15_000 <= plan.max_steps <= 15_300
-        assert cfg.train.warmup_steps == 2000 and cfg.train.schedule == "cosine"
+        assert cfg.train.warmup_for(plan.max_steps) == round(0.13 * plan.max_steps) and cfg.train.schedule == "cosine"
     # Every shipped pretraining recipe takes its learning rates from the one width rule.
     from lillm.train.recipe import width_lrs
 
@@ -449,5 +449,34 @@ def test_the_tensorboard_address_pins_the_first_cards():
     assert hint.startswith("TensorBoard: tensorboard --logdir runs/x/tensorboard, then open http://localhost:6006/?")
     url = urlsplit(hint.split("then open ", 1)[1].split()[0])
     assert url.fragment == "timeseries"
+    assert parse_qs(url.query)["smoothing"] == ["0"]
     cards = json.loads(parse_qs(url.query)["pinnedCards"][0])
     assert cards == [{"plugin": "scalars", "tag": t} for t in ("train/loss", "val/loss", "val/pydoc/bpb")]
+
+
+def test_max_steps_alone_keeps_the_schedule_shape():
+    """The shipped warmup is a fraction of max_steps: a run made shorter or longer warms up over the same share
+    of it and decays to min_lr at its own last step. A step count, when given, wins (0: no warmup)."""
+    from lillm.train.schedule import apply_lr
+
+    class Opt:
+        param_groups = [{"lr": 0.0}]
+
+    def curve(*argv):
+        train = parse_config(["--config", "debug", *argv])[0].train
+        steps = train.max_steps
+        return train, [apply_lr(Opt(), step, train, steps) for step in range(steps)]
+
+    shipped, full = curve()
+    short, part = curve("--train.max_steps", "84")
+    assert shipped.warmup_steps is None and shipped.warmup_for(300) == 75 and short.warmup_for(84) == 21
+    assert full.index(max(full)) == 74 and part.index(max(part)) == 20  # the peak at a quarter of each run
+    assert full[-1] == pytest.approx(shipped.min_lr) and part[-1] == pytest.approx(shipped.min_lr)
+    for frac in (0.1, 0.25, 0.5, 0.75):  # the same shape: lr at the same fraction of the run agrees
+        assert part[round(frac * 84) - 1] == pytest.approx(full[round(frac * 300) - 1], rel=0.05)
+    counted, _ = curve("--train.max_steps", "84", "--train.warmup_steps", "10")
+    assert counted.warmup_for(84) == 10
+    none, lrs = curve("--train.max_steps", "84", "--train.warmup_steps", "0")
+    assert none.warmup_for(84) == 0 and lrs[0] == pytest.approx(none.lr)
+    with pytest.raises(ValueError, match="warmup_fraction must be in"):
+        TrainConfig(max_steps=10, warmup_fraction=1.0)

@@ -132,8 +132,11 @@ class TrainConfig:
     """With optimizer muon: decoupled weight decay of the Muon matrices (per step, p -= lr x wd x p)."""
     min_lr: float = 6e-5
     """Learning rate at the end of the decay."""
-    warmup_steps: int = 2000
-    """Linear warmup steps from 0 to lr."""
+    warmup_steps: int | None = None
+    """Linear warmup steps from 0 to lr. When set (0: no warmup), it wins over warmup_fraction."""
+    warmup_fraction: float = 0.1
+    """Linear warmup as a fraction of max_steps (rounded, at least 1 step when > 0), used when warmup_steps is
+    unset: a run made longer or shorter with --train.max_steps keeps its schedule's shape."""
     schedule: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
     """Decay after warmup: cosine or linear to min_lr at the last step, warmup-stable-decay, or constant."""
     decay_fraction: float = 0.2
@@ -196,7 +199,7 @@ class TrainConfig:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("grad_accum", "global_batch_tokens", "seq_len", "max_steps", "max_tokens", "warmup_steps",
                      "eval_interval", "sample_tokens", "max_bad_steps", "eval_task_limit"):
-            if getattr(self, name) < 0:
+            if (getattr(self, name) or 0) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_steps == 0 and self.max_tokens == 0:
             problems.append("set max_steps or max_tokens")
@@ -204,6 +207,8 @@ class TrainConfig:
             problems.append(f"watchdog_s must be >= 0 (0 disables), got {self.watchdog_s}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             problems.append(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr} min_lr={self.min_lr}")
+        if not 0 <= self.warmup_fraction < 1:
+            problems.append(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if not 0 < self.decay_fraction <= 1:
             problems.append(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
         if self.grad_clip < 0 or self.weight_decay < 0 or self.muon_weight_decay < 0:
@@ -222,6 +227,12 @@ class TrainConfig:
             problems.append(f"run_dir {self.run_dir}: {existing} is a file, not a directory")
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+
+    def warmup_for(self, max_steps: int) -> int:
+        """The run's warmup steps: warmup_steps when set, else warmup_fraction of max_steps."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return max(1, round(self.warmup_fraction * max_steps)) if self.warmup_fraction > 0 else 0
 
 
 @dataclass

@@ -35,7 +35,7 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: 
 def apply_lr(optimizer, step: int, train, max_steps: int) -> float:
     """Set every parameter group's lr for `step` from the training config's schedule; returns the AdamW lr.
     Muon's groups (optimizer muon) follow the same schedule scaled to their own peak, train.muon_lr."""
-    lr = lr_at(step, lr=train.lr, min_lr=train.min_lr, warmup_steps=train.warmup_steps, max_steps=max_steps,
+    lr = lr_at(step, lr=train.lr, min_lr=train.min_lr, warmup_steps=train.warmup_for(max_steps), max_steps=max_steps,
                schedule=train.schedule, decay_fraction=train.decay_fraction)
     for group in optimizer.param_groups:
         group["lr"] = lr * train.muon_lr / train.lr if group.get("use_muon") else lr
