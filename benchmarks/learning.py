@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/learning.py                         # d128, d256, d512; sweeps, then seed 2
     .venv/bin/python benchmarks/learning.py --widths d128 --seeds 1  # one width, the sweep only
     .venv/bin/python benchmarks/learning.py --quick                  # seconds: the smoke test's path
+    .venv/bin/python benchmarks/learning.py --standard               # the essential points, under an hour
+    .venv/bin/python benchmarks/learning.py --points d128-L4-b8k d256-L8-b16k   # any points of the ladder
 
 Three arms, trained on the same single-pass corpus (the built-in `stdlib` source: every .py file of the
 standard library, 9.1M train tokens with a 4096-token BPE; no run reads a window twice) at equal tokens:
@@ -15,6 +17,10 @@ standard library, 9.1M train tokens with a 4096-token BPE; no run reads a window
   the blocks' matrices, AdamW for the tied embedding and norms), its warmup and final lr at the same fractions
   of the run and of the peak; the sweep scales `--train.lr`, `--train.min_lr` and `--train.muon_lr` together.
 - lillm-adamw: the same path and config with optimizer adamw (clipping 1.0), its lr swept.
+
+The ladder: a point is a width at a depth (2, 4 or 8 layers) and a batch (4,096, 8,192 or 16,384 tokens per
+optimizer step: micro 8 x seq 256, the accumulation grows), trained on the width's token budget (d128: 0.82M
+tokens, so 200, 100 or 50 steps). `d128` alone names the width ladder's shape, depth 2 at 4,096 tokens.
 
 Every arm gets its own best learning rate: at each width a sweep (seed 1, factors of 2) that must bracket
 the optimum, extended by one point when the best sits at an end; then the best value of each arm runs with
@@ -30,15 +36,18 @@ Results: a markdown table on stdout and benchmarks/results/learning-<host>.json;
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +81,48 @@ GRIDS = {
     "lillm-muon": {"d128": [0.5, 1.0, 2.0], "d256": [0.5, 1.0, 2.0], "d512": [0.5, 1.0, 2.0]},
 }
 REFERENCE = dict(min_lr_ratio=0.1, weight_decay=0.01, grad_clip=1.0, warmup_fraction=1 / 8)
+DEPTHS, BATCHES = (2, 4, 8), (4096, 8192, 16384)  # the ladder's other axes: layers, tokens per optimizer step
+STANDARD = ("d128", "d128-L4-b8k", "d256-L4-b8k")
+"""`--standard`: the width ladder's first point, the held-out setting (depth 4, 8,192 tokens per step) and the
+same at the next width; reference and lillm-muon, one seed."""
+
+
+@dataclass(frozen=True)
+class Point:
+    """One shape of the ladder: a width of WIDTHS at `depth` layers, `batch` tokens per optimizer step (micro
+    batch x seq fixed, the accumulation grows), and the width's token budget (so steps = budget / batch)."""
+
+    width: str
+    depth: int = 2
+    batch: int = MICRO_BATCH * GRAD_ACCUM * SEQ_LEN
+
+    @property
+    def name(self) -> str:
+        """The width alone at the width ladder's shape (depth 2, 4,096 tokens per step), else e.g. d128-L4-b8k."""
+        if (self.depth, self.batch) == (2, MICRO_BATCH * GRAD_ACCUM * SEQ_LEN):
+            return self.width
+        return f"{self.width}-L{self.depth}-b{self.batch // 1024}k"
+
+    @property
+    def accum(self) -> int:
+        return self.batch // (MICRO_BATCH * SEQ_LEN)
+
+    def steps(self, override: int = 0) -> int:
+        return override or WIDTHS[self.width]["steps"] * MICRO_BATCH * GRAD_ACCUM * SEQ_LEN // self.batch
+
+    def model(self) -> dict:
+        return dict(WIDTHS[self.width]["model"], n_layers=self.depth)
+
+    @classmethod
+    def parse(cls, name: str) -> Point:
+        width, *rest = name.split("-")
+        depth = int(rest[0][1:]) if rest else 2
+        batch = int(rest[1][1:-1]) * 1024 if len(rest) > 1 else MICRO_BATCH * GRAD_ACCUM * SEQ_LEN
+        if width not in WIDTHS or depth not in DEPTHS or batch not in BATCHES or len(rest) not in (0, 2):
+            raise argparse.ArgumentTypeError(f"{name}: a point is WIDTH or WIDTH-L<depth>-b<k tokens>k, e.g. "
+                                             f"d128-L4-b8k (widths {', '.join(WIDTHS)}, depths {DEPTHS}, batches "
+                                             f"{[b // 1024 for b in BATCHES]}k)")
+        return cls(width, depth, batch)
 
 
 def ensure_data(data_dir: Path, source: str = "stdlib", val_fraction: float = 0.03) -> None:
@@ -126,7 +177,8 @@ def curve_steps(steps: int) -> list[int]:
 
 
 def reference_run(model_cfg: ModelConfig, train_tokens: np.ndarray, steps: int, seed: int, lr: float,
-                  curve_batch: torch.Tensor, table: torch.Tensor) -> tuple[LilLM, list[list[float]]]:
+                  curve_batch: torch.Tensor, table: torch.Tensor, accum: int = GRAD_ACCUM
+                  ) -> tuple[LilLM, list[list[float]]]:
     """The reference training loop (nanoGPT-style), fp32; windows drawn without replacement in random order."""
     torch.manual_seed(seed)
     model = LilLM(model_cfg)
@@ -140,10 +192,10 @@ def reference_run(model_cfg: ModelConfig, train_tokens: np.ndarray, steps: int, 
         for group in opt.param_groups:
             group["lr"] = lr_at(step, lr=lr, min_lr=lr * REFERENCE["min_lr_ratio"], warmup_steps=warmup,
                                 max_steps=steps, schedule="cosine")
-        for k in range(GRAD_ACCUM):
-            first = (step * GRAD_ACCUM + k) * MICRO_BATCH
+        for k in range(accum):
+            first = (step * accum + k) * MICRO_BATCH
             x = torch.stack([data[s : s + SEQ_LEN + 1] for s in starts[first : first + MICRO_BATCH].tolist()])
-            loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()) / GRAD_ACCUM
+            loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()) / accum
             loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), REFERENCE["grad_clip"])
         opt.step()
@@ -173,7 +225,7 @@ def debug_recipe() -> dict:
 
 
 def lillm_run(model_cfg: ModelConfig, arm: str, lr: float, data_dir: Path, steps: int, seed: int, run_dir: Path,
-              threads: int) -> tuple[LilLM, list[list[float]]]:
+              threads: int, accum: int = GRAD_ACCUM, extra: str = "") -> tuple[LilLM, list[list[float]]]:
     """lillm's real path: `python launch/pretrain.py` on one rank (DeepSpeed engine + lillm loader), its val
     curve from metrics.jsonl (lillm's own evaluation of the first CURVE_WINDOWS windows), and the final model
     loaded as any lillm command loads it."""
@@ -182,12 +234,12 @@ def lillm_run(model_cfg: ModelConfig, arm: str, lr: float, data_dir: Path, steps
     at = curve_steps(steps)
     cmd = [sys.executable, "launch/pretrain.py", "--config", "launch/configs/debug.yaml",
            "--ds_config", "ds_configs/zero2_cpu.json", "--data.dir", str(data_dir), "--train.run_dir", str(run_dir),
-           "--train.micro_batch_size", str(MICRO_BATCH), "--train.grad_accum", str(GRAD_ACCUM),
+           "--train.micro_batch_size", str(MICRO_BATCH), "--train.grad_accum", str(accum),
            "--train.seq_len", str(SEQ_LEN), "--train.max_steps", str(steps), "--train.seed", str(seed),
            "--train.eval_interval", str(at[0]),
            "--train.eval_batches", str(CURVE_WINDOWS // MICRO_BATCH), "--train.sample_tokens", "0",
            "--train.ckpt_interval", str(steps), "--train.log_interval", str(max(1, steps // 4)),
-           "--train.tensorboard", "false", "--data.num_workers", "0", *lillm_args(arm, lr, steps)]
+           "--train.tensorboard", "false", "--data.num_workers", "0", *lillm_args(arm, lr, steps), *shlex.split(extra)]
     for k, v in model_cfg.to_dict().items():
         cmd += [f"--model.{k}", str(v)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
@@ -200,27 +252,32 @@ def lillm_run(model_cfg: ModelConfig, arm: str, lr: float, data_dir: Path, steps
     return model, curve
 
 
-def run_one(width: str, arm: str, lr: float, seed: int, steps: int, data_dir: Path, threads: int) -> dict:
-    """Train one arm at one learning rate and score it."""
-    shape = WIDTHS[width]
-    steps = steps or shape["steps"]
-    cfg = ModelConfig(vocab_size=VOCAB, max_seq_len=SEQ_LEN, max_batch_size=16, **shape["model"])
+def run_one(name: str, arm: str, lr: float, seed: int, steps: int, data_dir: Path, threads: int,
+            extra: str = "") -> dict:
+    """Train one arm at one learning rate at one point of the ladder and score it."""
+    point = Point.parse(name)
+    steps = point.steps(steps)
+    cfg = ModelConfig(vocab_size=VOCAB, max_seq_len=SEQ_LEN, max_batch_size=16, **point.model())
     torch.set_num_threads(threads)
     train_tokens, val_tokens = split_tokens(data_dir, "train"), split_tokens(data_dir, "val")
     table = byte_table(load_tokenizer(data_dir / "tokenizer").token_bytes(VOCAB))
     t0 = time.perf_counter()
     if arm == "reference":
-        model, curve = reference_run(cfg, train_tokens, steps, seed, lr, windows(val_tokens, CURVE_WINDOWS), table)
+        model, curve = reference_run(cfg, train_tokens, steps, seed, lr, windows(val_tokens, CURVE_WINDOWS), table,
+                                     point.accum)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            model, curve = lillm_run(cfg, arm, lr, data_dir, steps, seed, Path(tmp) / "run", threads)
+            model, curve = lillm_run(cfg, arm, lr, data_dir, steps, seed, Path(tmp) / "run", threads, point.accum,
+                                     extra)
     val = score(model, windows(val_tokens, VAL_WINDOWS), table)
     train_starts = np.linspace(0, (len(train_tokens) - 1) // SEQ_LEN - 1, 64).astype(np.int64) * SEQ_LEN
     train = score(model, torch.from_numpy(np.stack([train_tokens[s : s + SEQ_LEN + 1] for s in train_starts])), table)
-    row = {"width": width, "params": cfg.num_params(), "arm": arm, "lr": lr, "seed": seed, "steps": steps,
-           "tokens": steps * MICRO_BATCH * GRAD_ACCUM * SEQ_LEN, "val_loss": val.loss, "val_bpb": val.bits_per_byte,
-           "train_loss": train.loss, "curve": curve, "seconds": time.perf_counter() - t0}
-    print(f"   {width} {arm} lr {lr:g} seed {seed}: val {row['val_loss']:.4f} ({row['val_bpb']:.4f} bpb)  "
+    row = {"width": point.width, "point": name, "depth": point.depth, "batch": point.batch,
+           "params": cfg.num_params(), "arm": arm, "lr": lr, "seed": seed, "steps": steps,
+           "tokens": steps * point.batch, "val_loss": val.loss, "val_bpb": val.bits_per_byte,
+           "train_loss": train.loss, "curve": curve, "seconds": time.perf_counter() - t0,
+           "extra": extra if arm != "reference" else ""}
+    print(f"   {name} {arm} lr {lr:g} seed {seed}: val {row['val_loss']:.4f} ({row['val_bpb']:.4f} bpb)  "
           f"train {row['train_loss']:.4f}  ({row['seconds']:.0f} s)", flush=True)
     return row
 
@@ -236,7 +293,10 @@ class Runner:
 
     def path(self, task: tuple) -> Path:
         width, arm, lr, seed = task
-        return self.cache / f"{width}-{arm}-{lr:g}-s{seed}-{self.args.steps or WIDTHS[width]['steps']}.json"
+        variant = ""
+        if self.args.lillm_extra and arm != "reference":  # a candidate change to the recipe: rows of its own
+            variant = "-x" + hashlib.sha256(self.args.lillm_extra.encode()).hexdigest()[:8]
+        return self.cache / f"{width}-{arm}{variant}-{lr:g}-s{seed}-{Point.parse(width).steps(self.args.steps)}.json"
 
     def run(self, tasks: list[tuple]) -> dict[tuple, dict]:
         """The rows of `tasks`, running those not cached yet (with --report: only the cached ones)."""
@@ -248,6 +308,7 @@ class Runner:
                 width, arm, lr, seed = task
                 cmd = [sys.executable, __file__, "--one", f"{width}:{arm}:{lr!r}:{seed}", "--row_out",
                        str(self.path(task)), "--steps", str(self.args.steps), "--data", self.args.data,
+                       f"--lillm_extra={self.args.lillm_extra}",
                        "--threads", str(self.threads)]
                 print(f"== {width} {arm} lr {lr:g} seed {seed}", flush=True)
                 running.append((subprocess.Popen(cmd), task))
@@ -312,7 +373,7 @@ def width_rule(summary: dict) -> dict:
     sweeps' fitted optima at every measured width."""
     rule = {}
     for arm in ARMS:
-        pts = [(int(w[1:]), s[arm]["fitted_lr"]) for w, s in summary.items() if arm in s]
+        pts = [(int(w[1:]), s[arm]["fitted_lr"]) for w, s in summary.items() if arm in s and "-" not in w]
         if len(pts) < 2:
             continue
         slope, intercept = np.polyfit(np.log2([d / 128 for d, _ in pts]), np.log2([lr for _, lr in pts]), 1)
@@ -338,7 +399,7 @@ def summarize(width: str, swept: dict[str, dict], finals: dict[str, list[dict]])
     for arm, rows in finals.items():
         if arm == "reference" or not ref:
             continue
-        fractions = [tokens_to_target(r["curve"], ref[r["seed"]]["curve"][-1][1], MICRO_BATCH * GRAD_ACCUM * SEQ_LEN)
+        fractions = [tokens_to_target(r["curve"], ref[r["seed"]]["curve"][-1][1], Point.parse(width).batch)
                      / ref[r["seed"]]["tokens"] for r in rows if r["seed"] in ref]
         out[arm]["tokens_to_target"] = spread(fractions) if fractions else None
     return out
@@ -346,7 +407,7 @@ def summarize(width: str, swept: dict[str, dict], finals: dict[str, list[dict]])
 
 def tables(summary: dict) -> str:
     """The markdown tables: results at equal tokens, and the sweeps."""
-    lines = ["| width | params | tokens | arm | best lr (fitted) | val loss (min-max) | val bpb | seeds | "
+    lines = ["| point | params | tokens | arm | best lr (fitted) | val loss (min-max) | val bpb | seeds | "
              "tokens to reference's loss |", "|---|---|---|---|---|---|---|---|---|"]
     for width, s in summary.items():
         for arm in ARMS:
@@ -359,7 +420,7 @@ def tables(summary: dict) -> str:
                          f"{'' if a['bracketed'] else ' (edge)'} ({a['fitted_lr']:.3g}) | {a['val_loss']['mean']:.3f} "
                          f"({a['val_loss']['min']:.3f}-{a['val_loss']['max']:.3f}) | {a['val_bpb']['mean']:.4f} | "
                          f"{len(a['val_loss']['values'])} | {ttt_s} |")
-    lines += ["", "| width | arm | sweep: lr -> val loss (seed 1) |", "|---|---|---|"]
+    lines += ["", "| point | arm | sweep: lr -> val loss (seed 1) |", "|---|---|---|"]
     for width, s in summary.items():
         for arm, points in s["sweeps"].items():
             lines.append(f"| {width} | {arm} | " + ", ".join(f"{lr}: {v:.3f}" for lr, v in points.items()) + " |")
@@ -372,7 +433,15 @@ def tables(summary: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--widths", nargs="+", default=list(WIDTHS), choices=list(WIDTHS), help="Model widths to train.")
+    ap.add_argument("--widths", nargs="+", default=list(WIDTHS), choices=list(WIDTHS),
+                    help="Model widths to train at the width ladder's shape (depth 2, 4,096 tokens per step).")
+    ap.add_argument("--points", nargs="+", type=lambda v: Point.parse(v).name, default=None,
+                    help="Points of the ladder instead of --widths: WIDTH-L<depth>-b<k>k, e.g. d128-L4-b8k (depths "
+                         f"{DEPTHS}, batches {[b // 1024 for b in BATCHES]}k tokens per step, each width's token "
+                         "budget).")
+    ap.add_argument("--standard", action="store_true",
+                    help=f"The essential points ({', '.join(STANDARD)}), reference and lillm-muon, seed 1, "
+                         "sweeps extended once: the developer's benchmark, under an hour on 2 cores.")
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="Which recipes to run.")
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2],
                     help="Seeds (init and data order); the sweep runs on the first.")
@@ -390,6 +459,9 @@ def main() -> None:
                     help="JSON written here.")
     ap.add_argument("--report", action="store_true",
                     help="Run nothing: report what --cache holds (a width or seed that was not run is left out).")
+    ap.add_argument("--lillm_extra", default="",
+                    help="Options appended to the lillm arms' command (a candidate recipe change, e.g. "
+                         "'--train.warmup_fraction 0.1'); their rows are cached apart from the shipped recipe's.")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: "width:arm:lr:seed", run by Runner children
     ap.add_argument("--row_out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -399,19 +471,23 @@ def main() -> None:
     data_dir = Path(args.data)
     if args.one:
         width, arm, lr, seed = args.one.split(":")
-        row = run_one(width, arm, float(lr), int(seed), args.steps, data_dir, threads)
+        row = run_one(width, arm, float(lr), int(seed), args.steps, data_dir, threads, args.lillm_extra)
         Path(args.row_out).write_text(json.dumps(row))
         return
     if args.quick:
         args.widths, args.seeds, args.steps = ["d128"], args.seeds[:1], args.steps or 4
+    points = args.points or list(args.widths)
+    extend = 0 if args.quick else 2
+    if args.standard:
+        points, args.seeds, args.arms, extend = list(STANDARD), args.seeds[:1], ["reference", "lillm-muon"], 1
     ensure_data(data_dir, args.source)
     n_train, n_val = (len(split_tokens(data_dir, split)) for split in ("train", "val"))
     print(f"corpus: {n_train:,} train tokens, {n_val:,} val tokens; {args.jobs} job(s) x {threads} thread(s)",
           flush=True)
     runner, summary, t0 = Runner(args, threads), {}, time.perf_counter()
-    for width in args.widths:
-        grids = {arm: GRIDS[arm][width][:2] if args.quick else GRIDS[arm][width] for arm in args.arms}
-        swept = sweeps(runner, width, grids, args.seeds[0], extend=0 if args.quick else 2)
+    for width in points:
+        grids = {arm: GRIDS[arm][Point.parse(width).width][: 2 if args.quick else None] for arm in args.arms}
+        swept = sweeps(runner, width, grids, args.seeds[0], extend=extend)
         best = {arm: min(rows, key=lambda lr: rows[lr]["val_loss"]) for arm, rows in swept.items()}
         rows = runner.run([(width, arm, best[arm], seed) for arm in best for seed in args.seeds])
         finals = {arm: [rows[(width, arm, best[arm], seed)] for seed in args.seeds if (width, arm, best[arm], seed)
@@ -423,13 +499,15 @@ def main() -> None:
     if out.is_file():  # widths measured by an earlier invocation stay in the report
         summary = {**{w: v for w, v in json.loads(out.read_text()).get("summary", {}).items() if w not in summary},
                    **summary}
-        summary = {w: summary[w] for w in WIDTHS if w in summary}
+        summary = {w: summary[w] for w in sorted(summary, key=lambda w: (Point.parse(w).width != w, w))}
     table = tables(summary)
-    print(f"\nmean over seeds {args.seeds}; val: the first {VAL_WINDOWS} val windows of {SEQ_LEN} tokens\n\n{table}")
+    minutes = (time.perf_counter() - t0) / 60
+    print(f"\nmean over seeds {args.seeds}; val: the first {VAL_WINDOWS} val windows of {SEQ_LEN} tokens; "
+          f"{minutes:.1f} min wall time for what ran now ({args.jobs} job(s))\n\n{table}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"host": platform.node(), "processor": platform.processor(), "threads": threads,
                                "jobs": args.jobs, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-                               "minutes": (time.perf_counter() - t0) / 60, "budget": {
+                               "minutes": minutes, "points": points, "budget": {
                                    "micro_batch": MICRO_BATCH, "grad_accum": GRAD_ACCUM, "seq_len": SEQ_LEN,
                                    "val_windows": VAL_WINDOWS, "curve_windows": CURVE_WINDOWS},
                                "widths": WIDTHS, "grids": GRIDS, "reference": REFERENCE, "summary": summary,

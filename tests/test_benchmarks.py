@@ -84,3 +84,21 @@ def test_data_scale_smoke(tmp_path):
     assert result["prepare"]["tokens"] > 0 and result["ceiling"][0]["iops"] > 0
     assert "| lillm loader |" in r.stdout
     assert list(work.iterdir()) == []  # nothing left behind
+
+
+def test_learning_ladder_points_name_their_shape():
+    """A ladder point is a width at a depth and a batch, on the width's token budget; the width alone is the width
+    ladder's shape, so its cached rows keep their names."""
+    import argparse
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from learning import Point
+
+    held_out = Point.parse("d128-L4-b8k")
+    assert (held_out.depth, held_out.batch, held_out.accum, held_out.steps()) == (4, 8192, 4, 100)
+    assert held_out.model()["n_layers"] == 4 and held_out.name == "d128-L4-b8k"
+    assert Point.parse("d128") == Point("d128", 2, 4096) and Point.parse("d128").steps() == 200
+    assert Point.parse("d256-L8-b16k").steps() == 30 and Point.parse("d128-L2-b4k").name == "d128"
+    for bad in ("d100", "d128-L3-b8k", "d128-L4", "d128-L4-b5k"):
+        with pytest.raises(argparse.ArgumentTypeError, match="a point is WIDTH"):
+            Point.parse(bad)

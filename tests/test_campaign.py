@@ -229,13 +229,14 @@ def rows(w: Path) -> list[tuple[list[str], str]]:
         (["pretrain", *tr, "--train.run_dir", f"{w}/run", "--ds_config", "zero2"],
          "it was trained in fp32 and this run's DeepSpeed config is bf16"),
         # pretrain on a mixture (data.sources, data.stages)
-        (["pretrain", *tr, *mix("{a: {dir: S, weight: -1}, b: {dir: S}}")], "sources.a.weight must be a finite number"),
+        (["pretrain", *tr, *mix("{a: {dir: S, weight: -1}, b: {dir: S}}")], "sources.a.weight must be a number from 0"),
         (["pretrain", *tr, *mix("{a: {dir: S, weight: 0}, b: {dir: S, weight: 0}}")], "sum to 0"),
-        (["pretrain", *tr, *mix("{a: {dir: S, weight: .nan}, b: {dir: S}}")], "sources.a.weight must be a finite"),
+        (["pretrain", *tr, *mix("{a: {dir: S, weight: .nan}, b: {dir: S}}")], "sources.a.weight must be a number"),
+        (["pretrain", *tr, *mix("{1: {dir: S}}")], "1 is not a usable source name"),
         (["pretrain", *tr, *mix("{a: {dir: S}}", "[{until_step: 9, weights: {c: 1}}]")],
          "stages[0].weights names 'c', which is not a source"),
         (["pretrain", *tr, *mix("{a: {dir: S}}", "[{until_step: 9, weights: {a: .inf}}]")],
-         "stages[0].weights.a must be a finite number"),
+         "stages[0].weights.a must be a number from 0"),
         (["pretrain", *tr, *mix("{a: {dir: S}, b: {dir: S}}", "[{until_step: 9, weights: {a: 1}}, "
                                 "{until_step: 5, weights: {b: 1}}]")], "stages go in order"),
         (["pretrain", *tr, *mix("{a: {dir: S}}", "[{until_step: 9, weights: {a: 0}}]")], "stages[0].weights sum to 0"),

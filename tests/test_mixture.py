@@ -193,3 +193,23 @@ def test_a_single_source_stream_is_unchanged(two_sources):
     order = permute(np.arange(50), 1247, 3, 0)  # 3 shards: 499 + 499 + 249 windows
     assert (src.window_ids(np.arange(50)) == order).all()
     assert (ds.tokens(np.arange(50))[:, 0] == order // 499 * 8000 + order % 499 * SEQ).all()
+
+
+def test_equal_mixtures_are_one_segment_and_odd_weights_are_refused_in_the_config():
+    from lillm.train.config import DataConfig, SourceConfig, StageConfig
+
+    same = stage_schedule(["a", "b"], [(6, {"a": 0.3, "b": 0.3}), (10, {"a": 1, "b": 1}), (12, {"a": 1, "b": 0})],
+                          windows_per_step=4)
+    assert [s.start for s in same.segments] == [0, 40]  # 0.3/0.3 then 1/1: one unbroken layout
+    rescaled = stage_schedule(["a", "b"], [(10, {"a": 2, "b": 2}), (12, {"a": 5, "b": 0})], step=3, position=12,
+                              windows_per_step=4)
+    resumed, changed = same.resumed(12, rescaled)
+    assert not changed and resumed.to_dict()["segments"] == [[0, [0.3, 0.3]], [40, [5.0, 0.0]]]
+    assert integer_weights([1e308, 1e308]).tolist() == [1, 1]
+    for sources, match in (({1: SourceConfig("x")}, "not a usable source name"),
+                           ({"a": SourceConfig("x", 1e308)}, "weight must be a number from 0 to 1e"),
+                           ({"a": SourceConfig("x", 0.0)}, "sum to 0")):
+        with pytest.raises(ValueError, match=match):
+            DataConfig(sources=sources)
+    with pytest.raises(ValueError, match=r"stages\[0\].weights.a must be a number"):
+        DataConfig(sources={"a": SourceConfig("x")}, stages=[StageConfig(5, {"a": float("nan")})])

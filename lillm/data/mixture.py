@@ -36,6 +36,8 @@ ROUNDED_PERIOD = 10_000  # the period of other weights: shares rounded to 1/10,0
 def integer_weights(weights: list[float]) -> np.ndarray:
     """Normalised weights as integers with a small sum: exact where the shares are fractions with a small
     common denominator (0.8/0.2 -> [4, 1]), else rounded to ROUNDED_PERIOD parts (largest remainder)."""
+    top = max(weights)
+    weights = [w / top for w in weights]  # relative to the largest, so the sum stays finite
     total = math.fsum(weights)
     shares = [Fraction(w / total).limit_denominator(1000) for w in weights]
     if all(abs(float(s) - w / total) < 1e-9 for s, w in zip(shares, weights)):
@@ -155,15 +157,18 @@ class Schedule:
         past = [Segment(s.start, tuple(s.weights[i] if i >= 0 else 0.0 for i in where)) for s in self.segments]
         merged = [s for s in past if s.start <= position]
         now = merged_at(future.segments, position)
-        if _normalised(now.weights) != _normalised(merged[-1].weights):
+        if _layout(now.weights) != _layout(merged[-1].weights):
             if merged[-1].start == position:
                 merged.pop()
-            merged.append(Segment(position, now.weights))
-        merged += [s for s in future.segments if s.start > position]
+            if not merged or _layout(merged[-1].weights) != _layout(now.weights):
+                merged.append(Segment(position, now.weights))
+        for seg in future.segments:
+            if seg.start > position and _layout(seg.weights) != _layout(merged[-1].weights):
+                merged.append(seg)
 
-        def ahead(segments: list[Segment]) -> list[tuple[int, tuple[float, ...]]]:
+        def ahead(segments: list[Segment]) -> list[tuple[int, tuple[int, ...]]]:
             current = merged_at(segments, position)
-            return [(s.start, _normalised(s.weights)) for s in segments if s is current or s.start > position]
+            return [(s.start, _layout(s.weights)) for s in segments if s is current or s.start > position]
 
         return Schedule(future.names, merged), ahead(merged) != ahead(past)
 
@@ -173,9 +178,9 @@ def merged_at(segments: list[Segment], position: int) -> Segment:
     return [s for s in segments if s.start <= position][-1]
 
 
-def _normalised(weights: tuple[float, ...]) -> tuple[float, ...]:
-    total = math.fsum(weights)
-    return tuple(w / total for w in weights)
+def _layout(weights: tuple[float, ...]) -> tuple[int, ...]:
+    """What a segment's order depends on: its weights as integers (so 0.3/0.3 and 1/1 are the same mixture)."""
+    return tuple(integer_weights(list(weights)).tolist())
 
 
 def stage_schedule(names: list[str], stages: list[tuple[int, dict[str, float]]], step: int = 0,
@@ -192,5 +197,6 @@ def stage_schedule(names: list[str], stages: list[tuple[int, dict[str, float]]],
 
     segments = [Segment(0, weights(under_way))]
     for k in range(under_way, len(stages) - 1):
-        segments.append(Segment(position + (stages[k][0] - step) * windows_per_step, weights(k + 1)))
+        if _layout(weights(k + 1)) != _layout(segments[-1].weights):  # an unchanged mixture goes on unbroken
+            segments.append(Segment(position + (stages[k][0] - step) * windows_per_step, weights(k + 1)))
     return Schedule(order, segments)

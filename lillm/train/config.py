@@ -11,6 +11,8 @@ from lillm.config import nonfinite_fields
 from lillm.errors import UserError
 from lillm.files import strict_yaml_load, use_strict_yaml
 
+MAX_WEIGHT = 1e9  # weights are relative; a bound keeps their sums finite
+
 
 @dataclass
 class SourceConfig:
@@ -67,11 +69,11 @@ class DataConfig:
             problems.append(f"num_workers must be >= 0, got {self.num_workers}")
         names = list(self.sources)
         for name, src in self.sources.items():
-            if not name or "/" in name:
-                problems.append(f"sources: {name!r} is not a usable source name (not empty, no '/')")
-            if not math.isfinite(src.weight) or src.weight < 0:
-                problems.append(f"sources.{name}.weight must be a finite number >= 0, got {src.weight}")
-        if self.sources and not problems and math.fsum(s.weight for s in self.sources.values()) <= 0:
+            if not isinstance(name, str) or not name or "/" in name:
+                problems.append(f"sources: {name!r} is not a usable source name (a non-empty string without '/')")
+            if not math.isfinite(src.weight) or not 0 <= src.weight <= MAX_WEIGHT:
+                problems.append(f"sources.{name}.weight must be a number from 0 to {MAX_WEIGHT:g}, got {src.weight}")
+        if self.sources and not problems and not any(s.weight > 0 for s in self.sources.values()):
             problems.append("the weights of data.sources sum to 0: give at least one source a positive weight")
         if self.stages and not self.sources:
             problems.append("stages need data.sources (the weights name sources)")
@@ -86,8 +88,8 @@ class DataConfig:
                 if name not in self.sources:
                     problems.append(f"{where}.weights names {name!r}, which is not a source (sources: "
                                     f"{', '.join(names) or 'none'})")
-                elif not math.isfinite(w) or w < 0:
-                    problems.append(f"{where}.weights.{name} must be a finite number >= 0, got {w}")
+                elif not math.isfinite(w) or not 0 <= w <= MAX_WEIGHT:
+                    problems.append(f"{where}.weights.{name} must be a number from 0 to {MAX_WEIGHT:g}, got {w}")
             if not stage.weights or all(math.isfinite(w) and w == 0 for w in stage.weights.values()):
                 problems.append(f"{where}.weights sum to 0: give at least one source a positive weight")
         if problems:

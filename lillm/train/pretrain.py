@@ -78,9 +78,14 @@ class LanguageModeling(Objective):
         self.loader, self.tokenizer, self.model_cfg = loader, tokenizer, model_cfg
         self.train, self.plan, self.process, self.device = train, plan, process, process.device
         self.val_shards = {name: v for name, v in val_shards.items() if int(v.tokens.sum()) > plan.seq_len}
+        for name in val_shards:
+            if name and name not in self.val_shards:
+                process.log.warning(f"source {name!r}: its val split ({val_shards[name].data_dir}) is shorter than "
+                                    "one window; it is not scored, and val/loss weighs the other sources")
         weights = {name: (val_weights or {}).get(name, 1.0) for name in self.val_shards}
-        total = sum(weights.values()) or 1.0
-        self.val_weights = {name: w / total for name, w in weights.items()}
+        if sum(weights.values()) <= 0:  # only sources of weight 0 (used in stages) have a val split: equal weights
+            weights = dict.fromkeys(weights, 1.0)
+        self.val_weights = {name: w / sum(weights.values()) for name, w in weights.items()}
         self.has_validation = bool(self.val_shards)
         self.flops_per_token = model_cfg.flops_per_token(plan.seq_len)
         self.normalizer = plan.micro_batch_size * plan.seq_len  # every window is full: the micro-batch mean
