@@ -83,6 +83,7 @@ GRIDS = {
 REFERENCE = dict(min_lr_ratio=0.1, weight_decay=0.01, grad_clip=1.0, warmup_fraction=1 / 8)
 DEPTHS, BATCHES = (2, 4, 8), (4096, 8192, 16384)  # the ladder's other axes: layers, tokens per optimizer step
 STANDARD = ("d128", "d128-L4-b8k", "d256-L4-b8k")
+SHORT = 0.7  # the issue's bar: the reference's final val loss in at most this fraction of its tokens
 """`--standard`: the width ladder's first point, the held-out setting (depth 4, 8,192 tokens per step) and the
 same at the next width; reference and lillm-muon, one seed."""
 
@@ -292,11 +293,13 @@ class Runner:
         self.cache.mkdir(parents=True, exist_ok=True)
 
     def path(self, task: tuple) -> Path:
-        width, arm, lr, seed = task
+        """A row's file; a task is (point, arm, lr, seed), or with a fifth item its own step count."""
+        width, arm, lr, seed = task[:4]
+        steps = task[4] if len(task) > 4 else Point.parse(width).steps(self.args.steps)
         variant = ""
         if self.args.lillm_extra and arm != "reference":  # a candidate change to the recipe: rows of its own
             variant = "-x" + hashlib.sha256(self.args.lillm_extra.encode()).hexdigest()[:8]
-        return self.cache / f"{width}-{arm}{variant}-{lr:g}-s{seed}-{Point.parse(width).steps(self.args.steps)}.json"
+        return self.cache / f"{width}-{arm}{variant}-{lr:g}-s{seed}-{steps}.json"
 
     def run(self, tasks: list[tuple]) -> dict[tuple, dict]:
         """The rows of `tasks`, running those not cached yet (with --report: only the cached ones)."""
@@ -305,9 +308,10 @@ class Runner:
         while todo or running:
             while todo and len(running) < self.args.jobs:
                 task = todo.pop(0)
-                width, arm, lr, seed = task
+                width, arm, lr, seed = task[:4]
+                steps = task[4] if len(task) > 4 else self.args.steps
                 cmd = [sys.executable, __file__, "--one", f"{width}:{arm}:{lr!r}:{seed}", "--row_out",
-                       str(self.path(task)), "--steps", str(self.args.steps), "--data", self.args.data,
+                       str(self.path(task)), "--steps", str(steps), "--data", self.args.data,
                        f"--lillm_extra={self.args.lillm_extra}",
                        "--threads", str(self.threads)]
                 print(f"== {width} {arm} lr {lr:g} seed {seed}", flush=True)
@@ -408,7 +412,8 @@ def summarize(width: str, swept: dict[str, dict], finals: dict[str, list[dict]])
 def tables(summary: dict) -> str:
     """The markdown tables: results at equal tokens, and the sweeps."""
     lines = ["| point | params | tokens | arm | best lr (fitted) | val loss (min-max) | val bpb | seeds | "
-             "tokens to reference's loss |", "|---|---|---|---|---|---|---|---|---|"]
+             "tokens to reference's loss | at 0.70 of the tokens, own schedule |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for width, s in summary.items():
         for arm in ARMS:
             if arm not in s:
@@ -416,10 +421,13 @@ def tables(summary: dict) -> str:
             a = s[arm]
             ttt = a.get("tokens_to_target")
             ttt_s = "-" if ttt is None else ("not reached" if math.isinf(ttt["mean"]) else f"{ttt['mean']:.2f}")
+            sh = a.get("short")
+            short_s = "-" if not sh else (f"{sh['val_loss']['mean']:.3f} vs {sh['target']:.3f}: "
+                                          + ("reached" if sh["reached"] else "not reached"))
             lines.append(f"| {width} | {a['params'] / 1e6:.2f}M | {a['tokens'] / 1e6:.2f}M | {arm} | {a['lr']:g}"
                          f"{'' if a['bracketed'] else ' (edge)'} ({a['fitted_lr']:.3g}) | {a['val_loss']['mean']:.3f} "
                          f"({a['val_loss']['min']:.3f}-{a['val_loss']['max']:.3f}) | {a['val_bpb']['mean']:.4f} | "
-                         f"{len(a['val_loss']['values'])} | {ttt_s} |")
+                         f"{len(a['val_loss']['values'])} | {ttt_s} | {short_s} |")
     lines += ["", "| point | arm | sweep: lr -> val loss (seed 1) |", "|---|---|---|"]
     for width, s in summary.items():
         for arm, points in s["sweeps"].items():
@@ -495,6 +503,16 @@ def main() -> None:
         if not finals:
             continue
         summary[width] = summarize(width, swept, finals)
+        if not args.quick and "reference" in finals:  # each lillm arm on SHORT of the tokens, its own schedule
+            short = round(SHORT * Point.parse(width).steps(args.steps))
+            shorts = runner.run([(width, arm, best[arm], seed, short) for arm in best if arm != "reference"
+                                 for seed in args.seeds])
+            target = statistics.fmean(r["val_loss"] for r in finals["reference"])
+            for arm in best:
+                got = [shorts[t]["val_loss"] for t in shorts if t[1] == arm]
+                if arm != "reference" and got:
+                    summary[width][arm]["short"] = {"steps": short, "fraction": SHORT, "val_loss": spread(got),
+                                                    "target": target, "reached": statistics.fmean(got) <= target}
     out = Path(args.out)
     if out.is_file():  # widths measured by an earlier invocation stay in the report
         summary = {**{w: v for w, v in json.loads(out.read_text()).get("summary", {}).items() if w not in summary},
