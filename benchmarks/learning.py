@@ -449,7 +449,7 @@ def main() -> None:
                          "budget).")
     ap.add_argument("--standard", action="store_true",
                     help=f"The essential points ({', '.join(STANDARD)}), reference and lillm-muon, seed 1, "
-                         "sweeps extended once: the developer's benchmark, under an hour on 2 cores.")
+                         "sweeps extended as in the full run: the developer's benchmark, under an hour on 2 cores.")
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="Which recipes to run.")
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2],
                     help="Seeds (init and data order); the sweep runs on the first.")
@@ -487,7 +487,7 @@ def main() -> None:
     points = args.points or list(args.widths)
     extend = 0 if args.quick else 2
     if args.standard:
-        points, args.seeds, args.arms, extend = list(STANDARD), args.seeds[:1], ["reference", "lillm-muon"], 1
+        points, args.seeds, args.arms = list(STANDARD), args.seeds[:1], ["reference", "lillm-muon"]
     ensure_data(data_dir, args.source)
     n_train, n_val = (len(split_tokens(data_dir, split)) for split in ("train", "val"))
     print(f"corpus: {n_train:,} train tokens, {n_val:,} val tokens; {args.jobs} job(s) x {threads} thread(s)",
