@@ -29,7 +29,9 @@ fi
 if [ ! -f .venv/torch_extensions/deepspeed_shm_comm/deepspeed_shm_comm.so ] \
    && ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }; then
   echo "setup: building DeepSpeed's CPU communication op (once, about 2 minutes)"
-  .venv/bin/python -m lillm.train.ops --build-ops >/dev/null \
+  start=$SECONDS
+  timeout 1200 .venv/bin/python -m lillm.train.ops --build-ops >/dev/null \
     || echo "setup: warning: the op build failed; the first training launch will try again" >&2
+  echo "setup: op build ended after $((SECONDS - start)) s"
 fi
 

@@ -8,7 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_env.sh
 export TOKENIZERS_PARALLELISM=false
+echo "test: $(date -u +%H:%M:%S) lint"
 .venv/bin/ruff check lillm tests launch benchmarks
+echo "test: $(date -u +%H:%M:%S) tests"
 if [ "${1:-}" = "--fast" ]; then
   shift
   exec .venv/bin/python -m pytest -q -m "not slow" "$@"

@@ -14,6 +14,12 @@ class UserError(Exception):
     """Bad input from the user: a wrong path, value or file. Reported without a traceback."""
 
 
+class PeerRefusal(UserError):
+    """This rank's part in a refusal that another rank of the job reports (rank 0's, found in a collective
+    check): a later rank of a machine exits with status 2 and says nothing, so the refusal shows once whatever
+    the timing; the first rank of another machine says it, pointing at rank 0's error."""
+
+
 class JobEnding(Exception):
     """This rank stops because another process of the job ended it (a peer closed its connection in a
     collective): the reason is that process's to report, so this one exits with status 1 and says nothing."""
@@ -29,7 +35,7 @@ def run_command(prog: str, body: Callable[[], int | None], cleanup: Callable[[],
     try:
         code = body() or 0
     except UserError as e:
-        code = _fail(prog, str(e))
+        code = _fail(prog, str(e), peer=isinstance(e, PeerRefusal))
     except JobEnding:
         code = 1
     except OSError as e:
@@ -55,8 +61,10 @@ def _say_interrupted(prog: str) -> int:
     return 130
 
 
-def _fail(prog: str, message: str) -> int:
+def _fail(prog: str, message: str, peer: bool = False) -> int:
     if _later_local_rank():
+        if peer:
+            return 2
         _let_the_launcher_stop_this_rank()
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
     return 2

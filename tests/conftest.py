@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import uuid
+import warnings
 from pathlib import Path
 
 import pytest
@@ -24,7 +27,77 @@ QA = [("What is the secret word?", "The secret word is banana."), ("Name a color
 """Question/answer pairs a tiny model learns by heart in the post-training tests."""
 SYSTEMS = ["", "Be brief.", "You are helpful.", "Answer plainly."]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+SESSION_MARK = "LILLM_TEST_SESSION"
+os.environ.setdefault(SESSION_MARK, uuid.uuid4().hex)  # inherited by every process the tests start
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_CBWR": "AUTO,STRICT"}
+
+
+def _leftovers() -> list[int]:
+    """Processes this test session started that outlived their test: a job a test started in a session of its
+    own (a launcher and its ranks) and never ended, or a process whose parent is gone (a rank of a launch that
+    ended or was killed without it). Nothing waits for them; a rank spinning in a collective takes a core from
+    every later test. Data workers and multiprocessing's helpers of the test process itself are left alone."""
+    mark = f"{SESSION_MARK}={os.environ[SESSION_MARK]}".encode()
+    me, stats = os.getpid(), {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if mark not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            stats[int(entry)] = (int(fields[1]), int(fields[3]))  # parent, session
+        except (OSError, ValueError, IndexError):
+            continue
+    return [pid for pid, (parent, session) in stats.items()
+            if session == pid or (parent != me and parent not in stats)]
+
+
+SHM = Path("/dev/shm")
+SHM_BUFFERS = "deepspeed_allreduce_buffer_*"
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers(request):
+    """After each test, end the jobs it left running (`_leftovers`, with their children) and remove the DeepSpeed
+    shared-memory buffers it left in /dev/shm, saying so: a leaked rank otherwise slows or wedges every test
+    after it, and leaked buffers fill the machine's memory."""
+    before = set(SHM.glob(SHM_BUFFERS)) if SHM.is_dir() else set()
+    yield
+    left = set(SHM.glob(SHM_BUFFERS)) - before if SHM.is_dir() else set()
+    for path in left:
+        path.unlink(missing_ok=True)
+    if left:
+        warnings.warn(f"{request.node.nodeid} left {len(left)} DeepSpeed shared-memory buffer(s) in {SHM}; removed "
+                      "them", stacklevel=1)
+    if not os.path.isdir("/proc"):
+        return
+    leaked = _leftovers()
+    for pid in leaked:
+        for child in _children(pid):
+            _kill(child)
+        _kill(pid)
+    if leaked:
+        warnings.warn(f"{request.node.nodeid} left {len(leaked)} job(s) running (pids "
+                      f"{', '.join(map(str, leaked))}); ended them", stacklevel=1)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            direct = [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+    return [d for c in direct for d in (*_children(c), c)]
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def tiny_model(seed: int = 0, **overrides) -> LilLM:
@@ -45,12 +118,16 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict |
     )
 
 
+LAUNCH_PORT = 29500 + os.getpid() % 1000
+"""The rendezvous port of `launch`'s multi-rank runs (127.0.0.1)."""
+
+
 def launch(script: str, args: list[str], ranks: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
     """A training script through the real `deepspeed` launcher on `ranks` CPU ranks (1: a plain `python`)."""
     if ranks == 1:
         cmd = [sys.executable, script, *args]
     else:
-        cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(29500 + os.getpid() % 1000), script, *args]
+        cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(LAUNCH_PORT), script, *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=ENV)
 
 

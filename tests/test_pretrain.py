@@ -18,7 +18,7 @@ import torch
 
 from lillm.runs import tensorboard_dir
 
-from .conftest import DEEPSPEED, ENV, REPO, metrics, run_cli, run_from_checkpoint
+from .conftest import DEEPSPEED, ENV, LAUNCH_PORT, REPO, SHM, metrics, run_cli, run_from_checkpoint
 from .conftest import launch as launch_script
 
 pytestmark = pytest.mark.slow
@@ -54,15 +54,31 @@ def data(pretrain_shards):
 
 @pytest.fixture(scope="module")
 def full_run(data, tmp_path_factory):
-    """12 steps on 2 ranks, checkpoints at 6 and 12, the shards' sha256 checked first (shared by the ranks)."""
+    """12 steps on 2 ranks, checkpoints at 6 and 12, the shards' sha256 checked first (shared by the ranks).
+    Stale shared-memory buffers of the launch's port, as an earlier killed job leaves them, are planted first:
+    garbage collective flags the ranks must not map."""
     run_dir = tmp_path_factory.mktemp("runs") / "full"
+    stale = stale_shm_buffers(LAUNCH_PORT, 2)
     r = launch(data, run_dir, 12, "--data.verify", "true")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return run_dir, r
+    return run_dir, r, stale
+
+
+def stale_shm_buffers(port: int, ranks: int) -> list[Path]:
+    """DeepSpeed's CPU all-reduce buffer names of 127.0.0.1:`port`, written full of 0xff."""
+    if not SHM.is_dir():
+        return []
+    paths = [SHM / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{rank}" for rank in range(ranks)]
+    for path in paths:
+        path.write_bytes(b"\xff" * 4096)
+    return paths
 
 
 def test_end_to_end_run(full_run):
-    run_dir, r = full_run
+    run_dir, r, stale = full_run
+    # The ranks removed the stale buffers before joining, and their own once both had mapped them: none is left
+    # in memory after the job.
+    assert not [p for p in stale if p.exists()]
     assert sorted(losses(run_dir)) == list(range(1, 13))
     ls = losses(run_dir)
     assert ls[12] < ls[1]  # it learns
@@ -98,7 +114,7 @@ def test_end_to_end_run(full_run):
 def test_evaluation_tasks_on_two_ranks_score_as_lillm_eval_on_one(full_run, tmp_path):
     """Items split over 2 ranks during training, the saved step-12 model scored by one `lillm eval` process:
     the same figures."""
-    run_dir, _ = full_run
+    run_dir, *_ = full_run
     out = tmp_path / "eval.json"
     r = run_cli("eval", str(run_dir), "--tasks", ",".join(EVAL_TASKS), "--limit", "6", "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -112,7 +128,7 @@ def test_evaluation_tasks_on_two_ranks_score_as_lillm_eval_on_one(full_run, tmp_
 def test_tensorboard_scalars_read_back(full_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_dir, _ = full_run
+    run_dir, *_ = full_run
     # The events are in a folder named as the run (TensorBoard shows a run by its folder, "." without one).
     assert [p.name for p in (run_dir / "tensorboard").iterdir()] == [run_dir.name]
     acc = EventAccumulator(str(tensorboard_dir(run_dir)), size_guidance={"scalars": 0, "tensors": 0})
@@ -140,7 +156,7 @@ def _run_from_checkpoint(src_run: Path, dst_run: Path, tag: str = "step_00000006
 
 
 def test_exact_resume_is_bit_identical(full_run, data, tmp_path):
-    run_dir, _ = full_run
+    run_dir, *_ = full_run
     resumed = _run_from_checkpoint(run_dir, tmp_path / "resumed")
     r = launch(data, resumed, 12)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -151,7 +167,7 @@ def test_exact_resume_is_bit_identical(full_run, data, tmp_path):
 
 
 def test_resume_on_one_rank_from_two_rank_checkpoint(full_run, data, tmp_path):
-    run_dir, _ = full_run
+    run_dir, *_ = full_run
     one = _run_from_checkpoint(run_dir, tmp_path / "one")
     # Same global batch on one rank: twice the accumulation.
     r = launch(data, one, 12, "--train.grad_accum", "4", ranks=1)
@@ -172,7 +188,7 @@ def test_export_loads_in_transformers_with_equal_logits(full_run, tmp_path):
     from lillm.hf import import_hf
     from lillm.loading import load_model_from_checkpoint
 
-    run_dir, _ = full_run
+    run_dir, *_ = full_run
     r = run_cli("export", str(run_dir), str(tmp_path / "hf"))
     assert r.returncode == 0, r.stderr
     ours, tok = load_model_from_checkpoint(run_dir)
@@ -283,7 +299,7 @@ def test_slurm_job_on_two_fake_nodes_saves_at_the_time_limit_requeues_and_resume
     two "nodes" (localhost and 127.0.0.1) x 1 CPU rank through DeepSpeed's --no_ssh path. The time-limit
     warning (USR1 to the batch shell) makes every rank save and stop and the job requeue itself; the second
     start resumes and ends with the same losses as the uninterrupted 1 node x 2 ranks run."""
-    ref_dir, _ = full_run
+    ref_dir, *_ = full_run
     run_dir = tmp_path / "slurm"
     env = {**ENV, "PATH": f"{REPO / 'tests/fake_slurm'}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
            "SLURM_JOB_NODELIST": "fake[0-1]", "SLURM_NNODES": "2", "SLURM_SUBMIT_DIR": str(REPO),

@@ -19,7 +19,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from lillm.errors import UserError
+from lillm.errors import PeerRefusal, UserError
 from lillm.model import LilLM
 from lillm.tokenizer import Tokenizer
 from lillm.train.checkpoint import Checkpoint, RunIdentity, plan_resume
@@ -76,7 +76,9 @@ def lock_run_dir(run_dir: str, process: Process) -> RunLock | None:
         except UserError as e:
             problem = str(e)
     if all_reduce([float(bool(problem))], process.device)[0]:
-        raise UserError(problem or "the run directory is in use by another run (see rank 0's error)")
+        if problem:
+            raise UserError(problem)
+        raise PeerRefusal("the run directory is in use by another run (see rank 0's error)")
     return lock
 
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from lillm.errors import JobEnding, UserError, run_command
 from lillm.train.metrics import get_logger
-from lillm.train.ops import name_cpu_accelerator, use_venv_extensions_dir
+from lillm.train.ops import name_cpu_accelerator, remove_shm_buffer, use_venv_extensions_dir, uses_shm_buffers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +57,7 @@ def init_distributed(verbose: bool = False) -> tuple[int, int, int]:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
     expected = launched_world_size()
+    remove_shm_buffer()  # a stale one of an earlier job on this port
     said = io.StringIO()
     try:
         with contextlib.redirect_stdout(sys.stdout if verbose else said):
@@ -72,6 +73,10 @@ def init_distributed(verbose: bool = False) -> tuple[int, int, int]:
         raise
     if dist.get_world_size() != expected:
         raise UserError(f"the process group has {dist.get_world_size()} ranks but WORLD_SIZE says {expected}")
+    if uses_shm_buffers():
+        if dist.get_world_size() > 1:
+            dist.barrier()  # every rank has mapped every rank's shared-memory buffer
+        remove_shm_buffer(dist.get_rank())
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
 
 

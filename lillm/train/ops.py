@@ -114,6 +114,42 @@ def _load_cpu_op() -> None:
         builder.load(verbose=False)
 
 
+SHM_DIR = "/dev/shm"
+
+
+def shm_buffer_path(rank: int | None = None) -> str | None:
+    """Where DeepSpeed's CPU op keeps this rank's all-reduce buffer: it `shm_open`s
+    deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank> (about 70 MB) when every rank of the job
+    is on one machine, and never removes it. None where there is no such name (no /dev/shm, no rendezvous)."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    if not addr or not port or not os.path.isdir(SHM_DIR):
+        return None
+    return os.path.join(SHM_DIR, f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}")
+
+
+def remove_shm_buffer(rank: int | None = None) -> None:
+    """Remove this rank's shared-memory buffer name (see `shm_buffer_path`), with the CPU accelerator.
+
+    Before joining the process group: a buffer of this rank's name left by an earlier job on the same address and
+    port (killed, or from before lillm removed them) is stale. Were it left, a peer could map it before this rank
+    rewrites it and read old collective flags in its first all-reduce: a wrong sum or a rank spinning forever.
+    No peer maps it yet: peers open each other's buffers only after the rendezvous, which waits for this rank.
+
+    After joining, once every rank has mapped every buffer (`init_distributed` passes a barrier first): the
+    mappings live on until the ranks exit, however they end, and the kernel frees the memory then; left named,
+    every launch would keep its buffers in RAM (/dev/shm) until the machine restarts."""
+    path = shm_buffer_path(rank)
+    if path is not None and _cpu_accelerator():
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def uses_shm_buffers() -> bool:
+    """Whether DeepSpeed's CPU op may have made shared-memory buffers for this job (the same on every rank)."""
+    return shm_buffer_path(0) is not None and _cpu_accelerator()
+
+
 def use_venv_ninja() -> None:
     """Put the ninja of lillm's environment (the `ninja` package DeepSpeed depends on) first on PATH."""
     try:

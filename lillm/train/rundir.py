@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lillm.errors import UserError
+from lillm.errors import PeerRefusal, UserError
 from lillm.files import write_atomic
 from lillm.runs import LATEST, checkpoints_dir, tensorboard_dir
 from lillm.train.dist import Process, all_reduce
@@ -38,7 +38,9 @@ def open_run_dir(run_dir: str, process: Process, *, model: torch.nn.Module, keep
     except UserError as e:
         problem = str(e)
     if all_reduce([float(bool(problem))], process.device)[0]:
-        raise UserError(problem or "another rank could not open the run directory (see its error)")
+        if problem:
+            raise UserError(problem)
+        raise PeerRefusal("another rank could not open the run directory (see its error)")
     rank0 = process.rank == 0
     writer = MetricsWriter(str(tensorboard_dir(run_dir)) if rank0 and tensorboard else None,
                            run_dir / "metrics.jsonl" if rank0 else None, step)
