@@ -3,11 +3,13 @@
     .venv/bin/python benchmarks/learning.py                         # d128, d256, d512; sweeps, then seed 2
     .venv/bin/python benchmarks/learning.py --widths d128 --seeds 1  # one width, the sweep only
     .venv/bin/python benchmarks/learning.py --quick                  # seconds: the smoke test's path
-    .venv/bin/python benchmarks/learning.py --standard               # the essential points, under an hour
+    .venv/bin/python benchmarks/learning.py --standard               # the essential points: 37 min cold on 2 cores
     .venv/bin/python benchmarks/learning.py --points d128-L4-b8k d256-L8-b16k   # any points of the ladder
 
 Three arms, trained on the same single-pass corpus (the built-in `stdlib` source: every .py file of the
-standard library, 9.1M train tokens with a 4096-token BPE; no run reads a window twice) at equal tokens:
+standard library, 9.1M train tokens with a 4096-token BPE; no run reads a window twice) at equal tokens. With
+`--source pydoc --val_fraction 0.1` the corpus is the small built-in `pydoc` one (0.52M train tokens), which
+a d128-L4-b8k run reads about 1.6 times, every arm in a fresh order each pass:
 - reference: the recipe of the "little language model" project (a nanoGPT-derived loop) in plain PyTorch:
   windows in random order, fan-in init with small residual writes, torch AdamW defaults (betas 0.9/0.999,
   weight decay 0.01 on every parameter), clipping 1.0, warmup an eighth of the steps, cosine to lr / 10.
@@ -180,12 +182,15 @@ def curve_steps(steps: int) -> list[int]:
 def reference_run(model_cfg: ModelConfig, train_tokens: np.ndarray, steps: int, seed: int, lr: float,
                   curve_batch: torch.Tensor, table: torch.Tensor, accum: int = GRAD_ACCUM
                   ) -> tuple[LilLM, list[list[float]]]:
-    """The reference training loop (nanoGPT-style), fp32; windows drawn without replacement in random order."""
+    """The reference training loop (nanoGPT-style), fp32; windows drawn without replacement in random order, a
+    fresh order each pass where the run reads the corpus more than once."""
     torch.manual_seed(seed)
     model = LilLM(model_cfg)
     reference_init(model)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=REFERENCE["weight_decay"])
-    starts = np.random.default_rng(seed).permutation((len(train_tokens) - 1) // SEQ_LEN) * SEQ_LEN
+    rng, count = np.random.default_rng(seed), (len(train_tokens) - 1) // SEQ_LEN
+    passes = -(-steps * accum * MICRO_BATCH // count)
+    starts = np.concatenate([rng.permutation(count) for _ in range(passes)]) * SEQ_LEN
     data = torch.from_numpy(train_tokens)
     warmup, at, curve = max(1, round(steps * REFERENCE["warmup_fraction"])), set(curve_steps(steps)), []
     for step in range(steps):
@@ -458,6 +463,9 @@ def main() -> None:
                     help="Smoke mode: d128, 4 steps, two grid points per arm, one seed, no extension.")
     ap.add_argument("--data", default=str(REPO / "data/stdlib"), help="Prepared shards (made here when missing).")
     ap.add_argument("--source", default="stdlib", help="Text source the corpus is prepared from when missing.")
+    ap.add_argument("--val_fraction", type=float, default=0.03,
+                    help="Share of the source's documents held out as the val split when the corpus is prepared "
+                         "(a small corpus such as pydoc needs more than the default to fill the val windows).")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                     help="Runs at a time, each in its own process; the cores are shared out among them.")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: cores // jobs).")
@@ -488,7 +496,7 @@ def main() -> None:
     extend = 0 if args.quick else 2
     if args.standard:
         points, args.seeds, args.arms = list(STANDARD), args.seeds[:1], ["reference", "lillm-muon"]
-    ensure_data(data_dir, args.source)
+    ensure_data(data_dir, args.source, args.val_fraction)
     n_train, n_val = (len(split_tokens(data_dir, split)) for split in ("train", "val"))
     print(f"corpus: {n_train:,} train tokens, {n_val:,} val tokens; {args.jobs} job(s) x {threads} thread(s)",
           flush=True)
