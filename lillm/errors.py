@@ -16,8 +16,9 @@ class UserError(Exception):
 
 class PeerRefusal(UserError):
     """This rank's part in a refusal that another rank of the job reports (rank 0's, found in a collective
-    check): a later rank of a machine exits with status 2 and says nothing, so the refusal shows once whatever
-    the timing; the first rank of another machine says it, pointing at rank 0's error."""
+    check): a later rank of a machine holds back as for any refusal, then exits with status 2 without a word,
+    so the refusal shows once whatever the timing; the first rank of another machine says it, pointing at rank
+    0's error."""
 
 
 class JobEnding(Exception):
@@ -63,9 +64,9 @@ def _say_interrupted(prog: str) -> int:
 
 def _fail(prog: str, message: str, peer: bool = False) -> int:
     if _later_local_rank():
+        _let_the_launcher_stop_this_rank()  # rank 0 says it meanwhile
         if peer:
             return 2
-        _let_the_launcher_stop_this_rank()
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
     return 2
 

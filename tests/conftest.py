@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -28,7 +29,7 @@ QA = [("What is the secret word?", "The secret word is banana."), ("Name a color
 SYSTEMS = ["", "Be brief.", "You are helpful.", "Answer plainly."]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 SESSION_MARK = "LILLM_TEST_SESSION"
-os.environ.setdefault(SESSION_MARK, uuid.uuid4().hex)  # inherited by every process the tests start
+os.environ[SESSION_MARK] = uuid.uuid4().hex  # this process's own; inherited by every process the tests start
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_CBWR": "AUTO,STRICT"}
 
 
@@ -66,22 +67,47 @@ def no_leftovers(request):
     after it, and leaked buffers fill the machine's memory."""
     before = set(SHM.glob(SHM_BUFFERS)) if SHM.is_dir() else set()
     yield
-    left = set(SHM.glob(SHM_BUFFERS)) - before if SHM.is_dir() else set()
+    if os.path.isdir("/proc"):
+        leaked = _leftovers()
+        for pid in leaked:
+            for child in _children(pid):
+                _kill(child)
+            _kill(pid)
+        deadline = time.monotonic() + 10  # SIGKILL is asynchronous: wait until they have let go of their memory
+        while any(_alive(pid) for pid in leaked) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if leaked:
+            warnings.warn(f"{request.node.nodeid} left {len(leaked)} job(s) running (pids "
+                          f"{', '.join(map(str, leaked))}); ended them", stacklevel=1)
+    left = set(SHM.glob(SHM_BUFFERS)) - before - _mapped() if SHM.is_dir() else set()
     for path in left:
         path.unlink(missing_ok=True)
     if left:
         warnings.warn(f"{request.node.nodeid} left {len(left)} DeepSpeed shared-memory buffer(s) in {SHM}; removed "
                       "them", stacklevel=1)
-    if not os.path.isdir("/proc"):
-        return
-    leaked = _leftovers()
-    for pid in leaked:
-        for child in _children(pid):
-            _kill(child)
-        _kill(pid)
-    if leaked:
-        warnings.warn(f"{request.node.nodeid} left {len(leaked)} job(s) running (pids "
-                      f"{', '.join(map(str, leaked))}); ended them", stacklevel=1)
+
+
+def _mapped() -> set[Path]:
+    """The files of /dev/shm that a live process maps: buffers of a job still running (another session's,
+    a training run), never removed."""
+    out = set()
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        try:
+            with open(f"/proc/{entry}/maps") as f:
+                out.update(Path(line.split(None, 5)[5].strip()) for line in f
+                           if f" {SHM}/" in line and len(line.split(None, 5)) == 6)
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, which holds no memory, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _children(pid: int) -> list[int]:
