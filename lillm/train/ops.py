@@ -132,7 +132,7 @@ def remove_shm_buffer(rank: int | None = None) -> None:
     """Remove this rank's shared-memory buffer name (see `shm_buffer_path`), with the CPU accelerator.
 
     Before joining the process group: a buffer of this rank's name left by an earlier job on the same address and
-    port (killed, or from before lillm removed them) is stale. Were it left, a peer could map it before this rank
+    port (one killed while it started) is stale. Were it left, a peer could map it before this rank
     rewrites it and read old collective flags in its first all-reduce: a wrong sum or a rank spinning forever.
     No peer maps it yet: peers open each other's buffers only after the rendezvous, which waits for this rank.
 
