@@ -64,6 +64,7 @@ from lillm import LilLM, ModelConfig  # noqa: E402
 from lillm.data.loader import ShardSet  # noqa: E402
 from lillm.scoring import Score, byte_table, score_windows  # noqa: E402
 from lillm.tokenizer import load_tokenizer  # noqa: E402
+from lillm.train.recipe import RULES  # noqa: E402
 from lillm.train.schedule import lr_at  # noqa: E402
 
 MICRO_BATCH, GRAD_ACCUM, SEQ_LEN = 8, 2, 256  # 4,096 tokens per optimizer step, one rank
@@ -85,6 +86,7 @@ GRIDS = {
 REFERENCE = dict(min_lr_ratio=0.1, weight_decay=0.01, grad_clip=1.0, warmup_fraction=1 / 8)
 DEPTHS, BATCHES = (2, 4, 8), (4096, 8192, 16384)  # the ladder's other axes: layers, tokens per optimizer step
 STANDARD = ("d128", "d128-L4-b8k", "d256-L4-b8k")
+CANDIDATES = ("no move", "width", "sqrt(batch)", "update RMS", "fitted")  # the rules ladder_rule compares
 SHORT = 0.7  # the issue's bar: the reference's final val loss in at most this fraction of its tokens
 """`--standard`: the width ladder's first point, the held-out setting (depth 4, 8,192 tokens per step) and the
 same at the next width; reference and lillm-muon, one seed."""
@@ -390,6 +392,63 @@ def width_rule(summary: dict) -> dict:
     return rule
 
 
+def axes(point: Point) -> list[float]:
+    """A point's coordinates for the ladder rule: log2 of width / 128, depth / 2 and tokens per step / 4,096."""
+    return [math.log2(int(point.width[1:]) / 128), math.log2(point.depth / 2), math.log2(point.batch / 4096)]
+
+
+def ladder_rule(summary: dict, shipped_width_exponent: float | None = None) -> dict:
+    """Per arm, which rule best predicts where its optimum sits across the ladder's points (width, depth, batch).
+
+    The data are the sweeps' fitted optima at every point whose best grid value is bracketed. Each candidate
+    predicts log2(lr*) up to one constant; the constant, and any exponent a candidate fits, is fitted on the
+    other points (leave-one-out), so a rule with more free exponents gains nothing from fitting noise. Scored by
+    the RMS of the held-out residuals in log2 units (1.0: off by a factor of 2, the sweep's grid step):
+    - `no move`: the optimum stays where it is;
+    - `width` (lillm/train/recipe.py's width rule): lr* ~ width^-e with the shipped e (for lillm-muon);
+    - `sqrt(batch)` (nanochat's): the width rule, and lr* ~ sqrt(tokens per step);
+    - `update RMS` (Moonlight's, lillm-muon only): Muon's update RMS matched to AdamW's, so its lr follows the
+      AdamW reference's optimum at the same point times sqrt(width) (DeepSpeed's Muon update has RMS
+      1/sqrt(fan_in); Moonlight's, 0.2 at any shape);
+    - `fitted`: exponents in width, depth and batch fitted by least squares (only the axes the data vary).
+    """
+    out = {}
+    for arm in ARMS:
+        pts = [(Point.parse(n), s[arm]["fitted_lr"], s.get("reference", {}).get("fitted_lr"))
+               for n, s in summary.items() if arm in s and s[arm]["bracketed"]]
+        if len(pts) < 3:
+            continue
+        x = np.array([axes(p) for p, _, _ in pts])
+        y = np.log2([lr for _, lr, _ in pts])
+        varied = [k for k in range(3) if np.ptp(x[:, k]) > 0]
+        fixed = {"no move": np.zeros(len(pts))}
+        if arm == "lillm-muon" and shipped_width_exponent is not None:
+            fixed["width"] = -shipped_width_exponent * x[:, 0]
+            fixed["sqrt(batch)"] = fixed["width"] + 0.5 * x[:, 2]
+            if all(ref for _, _, ref in pts):
+                fixed["update RMS"] = np.log2([ref for _, _, ref in pts]) + 0.5 * x[:, 0]
+        candidates = {}
+        for name, offset in fixed.items():  # one free constant
+            held = [y[i] - offset[i] - np.mean(np.delete(y - offset, i)) for i in range(len(pts))]
+            candidates[name] = {"loo_rms": float(np.sqrt(np.mean(np.square(held))))}
+        design = np.column_stack([np.ones(len(pts)), x[:, varied]])
+        if len(pts) > design.shape[1]:
+            coef = np.linalg.lstsq(design, y, rcond=None)[0]
+            held = []
+            for i in range(len(pts)):
+                keep = np.arange(len(pts)) != i
+                c = np.linalg.lstsq(design[keep], y[keep], rcond=None)[0]
+                held.append(y[i] - design[i] @ c)
+            exps = dict.fromkeys(("width", "depth", "batch"), 0.0)
+            exps.update({("width", "depth", "batch")[k]: float(c) for k, c in zip(varied, coef[1:])})
+            residuals = {p.name: float(r) for (p, _, _), r in zip(pts, y - design @ coef)}
+            candidates["fitted"] = {"loo_rms": float(np.sqrt(np.mean(np.square(held)))),
+                                    "lr_at_base": float(2 ** coef[0]), "exponents": exps, "residuals": residuals}
+        out[arm] = {"points": {p.name: lr for p, lr, _ in pts}, "candidates": candidates,
+                    "best": min(candidates, key=lambda k: candidates[k]["loo_rms"])}
+    return out
+
+
 def spread(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "values": values}
 
@@ -441,6 +500,19 @@ def tables(summary: dict) -> str:
     if rule:
         lines += ["", "| arm | fitted lr* at d128 | exponent: lr* ~ d^-exponent |", "|---|---|---|"]
         lines += [f"| {arm} | {r['lr_at_128']:.3g} | {r['exponent']:.2f} |" for arm, r in rule.items()]
+    ladder = ladder_rule(summary, RULES["muon"]["exponent"])
+    if ladder:
+        lines += ["", "Which rule predicts each arm's optimum across the points (RMS of leave-one-out residuals, "
+                  "log2 units; fitted: lr* ~ width^a depth^b batch^c):", "",
+                  "| arm | points | " + " | ".join(CANDIDATES) + " | fitted exponents (width, depth, batch) |",
+                  "|---|---|" + "---|" * len(CANDIDATES) + "---|"]
+        for arm, r in ladder.items():
+            c = r["candidates"]
+            cells = [f"{c[k]['loo_rms']:.2f}" + (" (best)" if k == r["best"] else "") if k in c else "-"
+                     for k in CANDIDATES]
+            fit = c.get("fitted")
+            exps = "-" if not fit else ", ".join(f"{v:+.2f}" for v in fit["exponents"].values())
+            lines.append(f"| {arm} | {len(r['points'])} | " + " | ".join(cells) + f" | {exps} |")
     return "\n".join(lines)
 
 
@@ -537,7 +609,8 @@ def main() -> None:
                                    "micro_batch": MICRO_BATCH, "grad_accum": GRAD_ACCUM, "seq_len": SEQ_LEN,
                                    "val_windows": VAL_WINDOWS, "curve_windows": CURVE_WINDOWS},
                                "widths": WIDTHS, "grids": GRIDS, "reference": REFERENCE, "summary": summary,
-                               "width_rule": width_rule(summary), "table": table}, indent=2))
+                               "width_rule": width_rule(summary), "table": table,
+                               "ladder_rule": ladder_rule(summary, RULES["muon"]["exponent"])}, indent=2))
     print(f"\nwrote {out}")
 
 

@@ -102,3 +102,48 @@ def test_learning_ladder_points_name_their_shape():
     for bad in ("d100", "d128-L3-b8k", "d128-L4", "d128-L4-b5k"):
         with pytest.raises(argparse.ArgumentTypeError, match="a point is WIDTH"):
             Point.parse(bad)
+
+
+def _summary(optima: dict[str, float], reference: dict[str, float] | None = None) -> dict:
+    """A learning.py summary holding only what ladder_rule reads: each point's fitted optimum, bracketed."""
+    out = {}
+    for name, lr in optima.items():
+        out[name] = {"lillm-muon": {"fitted_lr": lr, "bracketed": True}}
+        if reference:
+            out[name]["reference"] = {"fitted_lr": reference[name], "bracketed": True}
+    return out
+
+
+def test_ladder_rule_finds_the_axes_that_move_the_optimum():
+    """ladder_rule recovers exponents planted in the optima, prefers the rule that predicts held-out points (not
+    the one with most parameters), and leaves out an optimum that sat at the edge of its sweep."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from learning import Point, axes, ladder_rule
+
+    names = ["d128", "d128-L4-b4k", "d128-L4-b8k", "d128-L4-b16k", "d128-L8-b8k", "d128-L2-b8k", "d256-L4-b8k",
+             "d256-L4-b16k", "d256-L2-b8k"]
+    planted = {"width": -0.2, "depth": -0.5, "batch": 0.5}
+    lr = {n: 0.8 * 2 ** sum(e * a for e, a in zip(planted.values(), axes(Point.parse(n)))) for n in names}
+    rule = ladder_rule(_summary(lr), shipped_width_exponent=0.2)["lillm-muon"]
+    fit = rule["candidates"]["fitted"]
+    assert rule["best"] == "fitted" and fit["loo_rms"] < 1e-9
+    assert fit["exponents"] == pytest.approx(planted) and fit["lr_at_base"] == pytest.approx(0.8)
+    assert rule["candidates"]["sqrt(batch)"]["loo_rms"] > 0.3  # misses the depth term
+
+    # Optima that only wobble (as a factor-2 sweep's fitted optimum does) around one value: no axis moves them,
+    # and the constant rule predicts held-out points better than a fit with three exponents.
+    wobble = [0.05, -0.04, 0.03, -0.06, 0.02, 0.04, -0.03, -0.01, 0.05]
+    flat = {n: 0.9 * 2**w for n, w in zip(names, wobble)}
+    rule = ladder_rule(_summary(flat), shipped_width_exponent=0.0)["lillm-muon"]
+    assert rule["best"] in ("no move", "width") and rule["candidates"]["fitted"]["loo_rms"] > \
+        rule["candidates"]["no move"]["loo_rms"]
+
+    # Update-RMS matching: Muon's optimum follows the AdamW reference's at the same point, times sqrt(width).
+    ref = {n: 0.008 * 2 ** (-1.3 * axes(Point.parse(n))[0] - 0.4 * axes(Point.parse(n))[1]) for n in names}
+    follows = {n: 0.5 * ref[n] / 0.008 * 2 ** (0.5 * axes(Point.parse(n))[0]) for n in names}
+    rule = ladder_rule(_summary(follows, ref), shipped_width_exponent=0.2)["lillm-muon"]
+    assert rule["candidates"]["update RMS"]["loo_rms"] < 1e-9
+
+    edge = _summary(lr)
+    edge["d128"]["lillm-muon"]["bracketed"] = False
+    assert "d128" not in ladder_rule(edge)["lillm-muon"]["points"]
