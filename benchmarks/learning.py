@@ -405,7 +405,7 @@ def ladder_rule(summary: dict, shipped_width_exponent: float | None = None) -> d
     other points (leave-one-out), so a rule with more free exponents gains nothing from fitting noise. Scored by
     the RMS of the held-out residuals in log2 units (1.0: off by a factor of 2, the sweep's grid step):
     - `no move`: the optimum stays where it is;
-    - `width` (lillm/train/recipe.py's width rule): lr* ~ width^-e with the shipped e (for lillm-muon);
+    - `width` (lillm/train/recipe.py's width term alone): lr* ~ width^e with the shipped e (for lillm-muon);
     - `sqrt(batch)` (nanochat's): the width rule, and lr* ~ sqrt(tokens per step);
     - `update RMS` (Moonlight's, lillm-muon only): Muon's update RMS matched to AdamW's, so its lr follows the
       AdamW reference's optimum at the same point times sqrt(width) (DeepSpeed's Muon update has RMS
@@ -423,7 +423,7 @@ def ladder_rule(summary: dict, shipped_width_exponent: float | None = None) -> d
         varied = [k for k in range(3) if np.ptp(x[:, k]) > 0]
         fixed = {"no move": np.zeros(len(pts))}
         if arm == "lillm-muon" and shipped_width_exponent is not None:
-            fixed["width"] = -shipped_width_exponent * x[:, 0]
+            fixed["width"] = shipped_width_exponent * x[:, 0]
             fixed["sqrt(batch)"] = fixed["width"] + 0.5 * x[:, 2]
             if all(ref for _, _, ref in pts):
                 fixed["update RMS"] = np.log2([ref for _, _, ref in pts]) + 0.5 * x[:, 0]
@@ -500,7 +500,7 @@ def tables(summary: dict) -> str:
     if rule:
         lines += ["", "| arm | fitted lr* at d128 | exponent: lr* ~ d^-exponent |", "|---|---|---|"]
         lines += [f"| {arm} | {r['lr_at_128']:.3g} | {r['exponent']:.2f} |" for arm, r in rule.items()]
-    ladder = ladder_rule(summary, RULES["muon"]["exponent"])
+    ladder = ladder_rule(summary, RULES["muon"]["width"])
     if ladder:
         lines += ["", "Which rule predicts each arm's optimum across the points (RMS of leave-one-out residuals, "
                   "log2 units; fitted: lr* ~ width^a depth^b batch^c):", "",
@@ -610,7 +610,7 @@ def main() -> None:
                                    "val_windows": VAL_WINDOWS, "curve_windows": CURVE_WINDOWS},
                                "widths": WIDTHS, "grids": GRIDS, "reference": REFERENCE, "summary": summary,
                                "width_rule": width_rule(summary), "table": table,
-                               "ladder_rule": ladder_rule(summary, RULES["muon"]["exponent"])}, indent=2))
+                               "ladder_rule": ladder_rule(summary, RULES["muon"]["width"])}, indent=2))
     print(f"\nwrote {out}")
 
 

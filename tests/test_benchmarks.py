@@ -124,7 +124,7 @@ def test_ladder_rule_finds_the_axes_that_move_the_optimum():
              "d256-L4-b16k", "d256-L2-b8k"]
     planted = {"width": -0.2, "depth": -0.5, "batch": 0.5}
     lr = {n: 0.8 * 2 ** sum(e * a for e, a in zip(planted.values(), axes(Point.parse(n)))) for n in names}
-    rule = ladder_rule(_summary(lr), shipped_width_exponent=0.2)["lillm-muon"]
+    rule = ladder_rule(_summary(lr), shipped_width_exponent=-0.2)["lillm-muon"]
     fit = rule["candidates"]["fitted"]
     assert rule["best"] == "fitted" and fit["loo_rms"] < 1e-9
     assert fit["exponents"] == pytest.approx(planted) and fit["lr_at_base"] == pytest.approx(0.8)
@@ -141,7 +141,7 @@ def test_ladder_rule_finds_the_axes_that_move_the_optimum():
     # Update-RMS matching: Muon's optimum follows the AdamW reference's at the same point, times sqrt(width).
     ref = {n: 0.008 * 2 ** (-1.3 * axes(Point.parse(n))[0] - 0.4 * axes(Point.parse(n))[1]) for n in names}
     follows = {n: 0.5 * ref[n] / 0.008 * 2 ** (0.5 * axes(Point.parse(n))[0]) for n in names}
-    rule = ladder_rule(_summary(follows, ref), shipped_width_exponent=0.2)["lillm-muon"]
+    rule = ladder_rule(_summary(follows, ref), shipped_width_exponent=-0.2)["lillm-muon"]
     assert rule["candidates"]["update RMS"]["loo_rms"] < 1e-9
 
     edge = _summary(lr)
