@@ -14,7 +14,7 @@ Steps, each timed and recorded even when another fails:
               the post-training hot path on the GPU, losses finite
   6. packed   benchmarks/packed_attention.py: packed SFT step time and memory, dense mask vs flex attention
   7. cuda     the test suite's CUDA-only tests (compiled flex attention against the dense mask)
-  8. lr_rule  the width rule's prediction for lil-39m (lillm/train/recipe.py): short runs of the shipped
+  8. lr_rule  the learning-rate rule's prediction for lil-39m (lillm/train/recipe.py): short runs of the shipped
               lil-39m config at 0.5x, 1x and 2x its learning rates; the prediction holds when 1x ends lowest
 Writes gpu_check.json and gpu_check.md to --out after every step, prints the table, and exits 1 when any
 step failed or was skipped: a step that would start after --deadline_s is skipped, so the whole command

@@ -406,7 +406,7 @@ def ladder_rule(summary: dict, shipped_width_exponent: float | None = None) -> d
     the RMS of the held-out residuals in log2 units (1.0: off by a factor of 2, the sweep's grid step):
     - `no move`: the optimum stays where it is;
     - `width` (lillm/train/recipe.py's width term alone): lr* ~ width^e with the shipped e (for lillm-muon);
-    - `sqrt(batch)` (nanochat's): the width rule, and lr* ~ sqrt(tokens per step);
+    - `sqrt(batch)` (nanochat's): the width term, and lr* ~ sqrt(tokens per step);
     - `update RMS` (Moonlight's, lillm-muon only): Muon's update RMS matched to AdamW's, so its lr follows the
       AdamW reference's optimum at the same point times sqrt(width) (DeepSpeed's Muon update has RMS
       1/sqrt(fan_in); Moonlight's, 0.2 at any shape);
@@ -439,8 +439,7 @@ def ladder_rule(summary: dict, shipped_width_exponent: float | None = None) -> d
                 keep = np.arange(len(pts)) != i
                 c = np.linalg.lstsq(design[keep], y[keep], rcond=None)[0]
                 held.append(y[i] - design[i] @ c)
-            exps = dict.fromkeys(("width", "depth", "batch"), 0.0)
-            exps.update({("width", "depth", "batch")[k]: float(c) for k, c in zip(varied, coef[1:])})
+            exps = {("width", "depth", "batch")[k]: float(c) for k, c in zip(varied, coef[1:])}  # axes the data vary
             residuals = {p.name: float(r) for (p, _, _), r in zip(pts, y - design @ coef)}
             candidates["fitted"] = {"loo_rms": float(np.sqrt(np.mean(np.square(held)))),
                                     "lr_at_base": float(2 ** coef[0]), "exponents": exps, "residuals": residuals}
@@ -511,7 +510,8 @@ def tables(summary: dict) -> str:
             cells = [f"{c[k]['loo_rms']:.2f}" + (" (best)" if k == r["best"] else "") if k in c else "-"
                      for k in CANDIDATES]
             fit = c.get("fitted")
-            exps = "-" if not fit else ", ".join(f"{v:+.2f}" for v in fit["exponents"].values())
+            exps = "-" if not fit else ", ".join(f"{fit['exponents'][k]:+.2f}" if k in fit["exponents"] else "-"
+                                                 for k in ("width", "depth", "batch"))
             lines.append(f"| {arm} | {len(r['points'])} | " + " | ".join(cells) + f" | {exps} |")
     return "\n".join(lines)
 

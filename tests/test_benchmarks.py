@@ -147,3 +147,6 @@ def test_ladder_rule_finds_the_axes_that_move_the_optimum():
     edge = _summary(lr)
     edge["d128"]["lillm-muon"]["bracketed"] = False
     assert "d128" not in ladder_rule(edge)["lillm-muon"]["points"]
+    depth_only = {n: lr[n] for n in ("d128-L2-b8k", "d128-L4-b8k", "d128-L8-b8k")}
+    fit = ladder_rule(_summary(depth_only))["lillm-muon"]["candidates"]["fitted"]
+    assert fit["exponents"] == pytest.approx({"depth": -0.5})  # no exponent for an axis the points do not vary
