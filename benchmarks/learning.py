@@ -411,6 +411,8 @@ def ladder_rule(summary: dict, shipped_width_exponent: float | None = None) -> d
       AdamW reference's optimum at the same point times sqrt(width) (DeepSpeed's Muon update has RMS
       1/sqrt(fan_in); Moonlight's, 0.2 at any shape);
     - `fitted`: exponents in width, depth and batch fitted by least squares (only the axes the data vary).
+    Each candidate also reports its in-sample residuals (log2) with its constant fitted on every point, and that
+    constant as `scale` (the optimum at the base point; for `update RMS`, the factor on the reference's).
     """
     out = {}
     for arm in ARMS:
@@ -430,7 +432,9 @@ def ladder_rule(summary: dict, shipped_width_exponent: float | None = None) -> d
         candidates = {}
         for name, offset in fixed.items():  # one free constant
             held = [y[i] - offset[i] - np.mean(np.delete(y - offset, i)) for i in range(len(pts))]
-            candidates[name] = {"loo_rms": float(np.sqrt(np.mean(np.square(held))))}
+            const = float(np.mean(y - offset))
+            candidates[name] = {"loo_rms": float(np.sqrt(np.mean(np.square(held)))), "scale": float(2**const),
+                                "residuals": {p.name: float(r) for (p, _, _), r in zip(pts, y - offset - const)}}
         design = np.column_stack([np.ones(len(pts)), x[:, varied]])
         if len(pts) > design.shape[1]:
             coef = np.linalg.lstsq(design, y, rcond=None)[0]
