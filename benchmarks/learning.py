@@ -64,7 +64,7 @@ from lillm import LilLM, ModelConfig  # noqa: E402
 from lillm.data.loader import ShardSet  # noqa: E402
 from lillm.scoring import Score, byte_table, score_windows  # noqa: E402
 from lillm.tokenizer import load_tokenizer  # noqa: E402
-from lillm.train.recipe import RULES  # noqa: E402
+from lillm.train.recipe import BASE, RULES  # noqa: E402
 from lillm.train.schedule import lr_at  # noqa: E402
 
 MICRO_BATCH, GRAD_ACCUM, SEQ_LEN = 8, 2, 256  # 4,096 tokens per optimizer step, one rank
@@ -393,8 +393,10 @@ def width_rule(summary: dict) -> dict:
 
 
 def axes(point: Point) -> list[float]:
-    """A point's coordinates for the ladder rule: log2 of width / 128, depth / 2 and tokens per step / 4,096."""
-    return [math.log2(int(point.width[1:]) / 128), math.log2(point.depth / 2), math.log2(point.batch / 4096)]
+    """A point's coordinates for the ladder rule: log2 of its width, depth and tokens per step over the rule's
+    base shape (lillm/train/recipe.py's BASE)."""
+    return [math.log2(int(point.width[1:]) / BASE["d_model"]), math.log2(point.depth / BASE["n_layers"]),
+            math.log2(point.batch / BASE["tokens_per_step"])]
 
 
 def ladder_rule(summary: dict, shipped_width_exponent: float | None = None) -> dict:
@@ -476,8 +478,9 @@ def summarize(width: str, swept: dict[str, dict], finals: dict[str, list[dict]])
     return out
 
 
-def tables(summary: dict) -> str:
-    """The markdown tables: results at equal tokens, and the sweeps."""
+def tables(summary: dict, rule: dict, ladder: dict) -> str:
+    """The markdown tables: results at equal tokens, the sweeps, and the fitted rules (`width_rule` and
+    `ladder_rule` of the same summary)."""
     lines = ["| point | params | tokens | arm | best lr (fitted) | val loss (min-max) | val bpb | seeds | "
              "tokens to reference's loss | at 0.70 of the tokens, own schedule |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -499,11 +502,9 @@ def tables(summary: dict) -> str:
     for width, s in summary.items():
         for arm, points in s["sweeps"].items():
             lines.append(f"| {width} | {arm} | " + ", ".join(f"{lr}: {v:.3f}" for lr, v in points.items()) + " |")
-    rule = width_rule(summary)
     if rule:
         lines += ["", "| arm | fitted lr* at d128 | exponent: lr* ~ d^-exponent |", "|---|---|---|"]
         lines += [f"| {arm} | {r['lr_at_128']:.3g} | {r['exponent']:.2f} |" for arm, r in rule.items()]
-    ladder = ladder_rule(summary, RULES["muon"]["width"])
     if ladder:
         lines += ["", "Which rule predicts each arm's optimum across the points (RMS of leave-one-out residuals, "
                   "log2 units; fitted: lr* ~ width^a depth^b batch^c):", "",
@@ -602,7 +603,8 @@ def main() -> None:
         summary = {**{w: v for w, v in json.loads(out.read_text()).get("summary", {}).items() if w not in summary},
                    **summary}
         summary = {w: summary[w] for w in sorted(summary, key=lambda w: (Point.parse(w).width != w, w))}
-    table = tables(summary)
+    rule, ladder = width_rule(summary), ladder_rule(summary, RULES["muon"]["width"])
+    table = tables(summary, rule, ladder)
     minutes = (time.perf_counter() - t0) / 60
     print(f"\nmean over seeds {args.seeds}; val: the first {VAL_WINDOWS} val windows of {SEQ_LEN} tokens; "
           f"{minutes:.1f} min wall time for what ran now ({args.jobs} job(s))\n\n{table}")
@@ -613,8 +615,7 @@ def main() -> None:
                                    "micro_batch": MICRO_BATCH, "grad_accum": GRAD_ACCUM, "seq_len": SEQ_LEN,
                                    "val_windows": VAL_WINDOWS, "curve_windows": CURVE_WINDOWS},
                                "widths": WIDTHS, "grids": GRIDS, "reference": REFERENCE, "summary": summary,
-                               "width_rule": width_rule(summary), "table": table,
-                               "ladder_rule": ladder_rule(summary, RULES["muon"]["width"])}, indent=2))
+                               "width_rule": rule, "table": table, "ladder_rule": ladder}, indent=2))
     print(f"\nwrote {out}")
 
 
