@@ -17,6 +17,7 @@ import pytest
 from .test_faults import run_cli, start, train_args
 
 pytestmark = pytest.mark.slow
+FILLER = "filler"
 
 
 def _mount(path: Path, *options: str) -> None:
@@ -28,18 +29,20 @@ def _mount(path: Path, *options: str) -> None:
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 40 MB tmpfs, unmounted afterwards."""
+    """A 40 MB tmpfs holding the (empty) file `fill` writes into, unmounted afterwards. The file exists from the
+    start so that filling never depends on the disk taking one more file."""
     mnt = tmp_path / "disk"
     _mount(mnt, "-t", "tmpfs", "-o", "size=40m", "tmpfs")
+    (mnt / FILLER).touch()
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def fill(disk: Path, leave_kb: int = 0) -> None:
-    """Fill the disk, leaving about `leave_kb` free."""
+    """Fill the disk, leaving about `leave_kb` free, by appending to its filler file."""
     st = os.statvfs(disk)
     free = st.f_bavail * st.f_frsize - leave_kb * 1024
-    with open(disk / f"fill{time.time_ns()}", "wb") as fh:
+    with open(disk / FILLER, "ab") as fh:
         while free > 0:
             n = min(free, 1 << 20)
             try:
