@@ -23,8 +23,6 @@ it.
 
 from __future__ import annotations
 
-import math
-
 BASE = {"d_model": 128, "n_layers": 2, "tokens_per_step": 4096}
 MIN_LR_RATIO = 0.3
 """min_lr / lr: the cosine ends at 0.3 of the peak (measured at d128 with Muon, warmup 50 of 200 steps: val
@@ -47,9 +45,8 @@ RULES: dict[str, dict] = {
 def rule_factor(d_model: int, n_layers: int, tokens_per_step: int, optimizer: str = "muon") -> float:
     """How far the rule moves `optimizer`'s learning rates from BASE for this shape."""
     rule = RULES[optimizer]
-    return math.exp(rule["width"] * math.log(d_model / BASE["d_model"])
-                    + rule["depth"] * math.log(n_layers / BASE["n_layers"])
-                    + rule["batch"] * math.log(tokens_per_step / BASE["tokens_per_step"]))
+    return ((d_model / BASE["d_model"]) ** rule["width"] * (n_layers / BASE["n_layers"]) ** rule["depth"]
+            * (tokens_per_step / BASE["tokens_per_step"]) ** rule["batch"])
 
 
 def rule_lrs(d_model: int, n_layers: int, tokens_per_step: int, optimizer: str = "muon") -> dict[str, float]:
