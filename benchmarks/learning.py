@@ -232,6 +232,19 @@ def debug_recipe() -> dict:
     return yaml.safe_load((REPO / "launch/configs/debug.yaml").read_text())["train"]
 
 
+RUN_OPTIONS = ("run_dir", "micro_batch_size", "grad_accum", "seq_len", "max_steps", "seed", "eval_interval",
+               "eval_batches", "sample_tokens", "ckpt_interval", "log_interval", "tensorboard", "keep_checkpoints")
+"""debug.yaml's training options that lillm_run sets itself or that do not change what a run learns: they are not
+part of the recipe a row measures."""
+
+
+def recipe_tag() -> str:
+    """A short hash of the recipe the lillm arms train with: debug.yaml's training section without RUN_OPTIONS.
+    It is part of a lillm row's cache name, so rows of an earlier shipped recipe are not reused as this one's."""
+    recipe = {k: v for k, v in debug_recipe().items() if k not in RUN_OPTIONS}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:6]
+
+
 def lillm_run(model_cfg: ModelConfig, arm: str, lr: float, data_dir: Path, steps: int, seed: int, run_dir: Path,
               threads: int, accum: int = GRAD_ACCUM, extra: str = "") -> tuple[LilLM, list[list[float]]]:
     """lillm's real path: `python launch/pretrain.py` on one rank (DeepSpeed engine + lillm loader), its val
@@ -304,8 +317,10 @@ class Runner:
         width, arm, lr, seed = task[:4]
         steps = task[4] if len(task) > 4 else Point.parse(width).steps(self.args.steps)
         variant = ""
+        if arm != "reference":
+            variant = "-r" + recipe_tag()  # a row trained by another shipped recipe is not this recipe's row
         if self.args.lillm_extra and arm != "reference":  # a candidate change to the recipe: rows of its own
-            variant = "-x" + hashlib.sha256(self.args.lillm_extra.encode()).hexdigest()[:8]
+            variant += "-x" + hashlib.sha256(self.args.lillm_extra.encode()).hexdigest()[:8]
         return self.cache / f"{width}-{arm}{variant}-{lr:g}-s{seed}-{steps}.json"
 
     def run(self, tasks: list[tuple]) -> dict[tuple, dict]:

@@ -86,6 +86,29 @@ def test_data_scale_smoke(tmp_path):
     assert list(work.iterdir()) == []  # nothing left behind
 
 
+def test_learning_rows_are_cached_per_recipe(monkeypatch, tmp_path):
+    """A lillm row's cache name carries a hash of debug.yaml's recipe: a changed shipped recipe (an lr, a decay)
+    reruns the lillm arms instead of reusing rows it did not train, while options the benchmark sets itself
+    leave the name alone. The reference arm's rows do not depend on it."""
+    import argparse
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import learning
+
+    args = argparse.Namespace(cache=str(tmp_path), steps=0, lillm_extra="")
+    runner = learning.Runner(args, 1)
+    shipped = learning.debug_recipe()
+    names = {}
+    for label, recipe in (("shipped", shipped), ("run options", {**shipped, "max_steps": 7, "run_dir": "x"}),
+                          ("decay", {**shipped, "muon_weight_decay": 0.4})):
+        monkeypatch.setattr(learning, "debug_recipe", lambda recipe=recipe: recipe)
+        names[label] = [runner.path(("d128", arm, 1.0, 1)).name for arm in ("reference", "lillm-muon")]
+    assert names["shipped"] == names["run options"] and names["shipped"][0] == names["decay"][0]
+    assert names["shipped"][1] != names["decay"][1] and names["shipped"][1].startswith("d128-lillm-muon-r")
+    args.lillm_extra = "--train.muon_weight_decay 0.4"
+    assert runner.path(("d128", "lillm-muon", 1.0, 1)).name not in names["decay"][1:]  # a candidate: rows apart
+
+
 def test_learning_ladder_points_name_their_shape():
     """A ladder point is a width at a depth and a batch, on the width's token budget; the width alone is the width
     ladder's shape, so its cached rows keep their names."""
