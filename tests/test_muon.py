@@ -20,12 +20,13 @@ def _args(data: Path, run_dir: Path, *extra: str) -> list[str]:
             "--train.optimizer", "muon", "--train.grad_clip", "0", "--train.max_steps", "12",
             "--train.log_interval", "1", "--train.eval_interval", "6", "--train.eval_batches", "2",
             "--train.sample_tokens", "0", "--train.ckpt_interval", "6", "--train.warmup_steps", "4",
-            "--train.micro_batch_size", "4", "--train.seq_len", "64", "--train.tensorboard", "false", *extra]
+            "--train.micro_batch_size", "4", "--train.seq_len", "64", "--train.tensorboard", "false",
+            "--train.muon_weight_decay", "0.4", *extra]
 
 
 @pytest.fixture(scope="module")
 def muon_run(pretrain_shards, tmp_path_factory):
-    """12 Muon steps on 2 ranks, checkpoints at 6 and 12."""
+    """12 Muon steps on 2 ranks with a decay of the Muon matrices, checkpoints at 6 and 12."""
     run_dir = tmp_path_factory.mktemp("muon") / "run"
     r = launch("launch/pretrain.py", _args(pretrain_shards, run_dir), ranks=2)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -34,14 +35,14 @@ def muon_run(pretrain_shards, tmp_path_factory):
 
 def test_deepspeed_runs_muon_and_checkpoints_its_momentum(muon_run):
     run_dir, r = muon_run
-    assert "ZeRO stage 2, Muon for 28 matrices" in r.stdout and "AdamW for 10 tensors" in r.stdout
+    assert "ZeRO stage 2, Muon for 28 matrices" in r.stdout and "decay 0.4) + AdamW for 10 tensors" in r.stdout
     losses = metrics(run_dir)
     assert sorted(losses) == list(range(1, 13)) and losses[12] < losses[1] - 0.5
     for rank in (0, 1):
         shard = torch.load(run_dir / f"checkpoints/step_00000012/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
                            weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]
         muon = [g for g in shard["param_groups"] if g["use_muon"]]
-        assert len(muon) == 1 and muon[0]["momentum"] == 0.95
+        assert len(muon) == 1 and muon[0]["momentum"] == 0.95 and muon[0]["weight_decay"] == 0.4
         assert shard["state"][muon[0]["params"][0]]["momentum_buffer"].abs().sum() > 0  # Muon's own state
         assert all("exp_avg" in shard["state"][g["params"][0]] for g in shard["param_groups"] if not g["use_muon"])
 

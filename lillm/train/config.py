@@ -271,6 +271,10 @@ def plan_batches(train: TrainConfig, seq_len: int, world_size: int) -> BatchPlan
         accum = derived
     accum = accum or 1
     steps = train.max_steps or math.ceil(train.max_tokens / (per_micro * accum))
+    if train.optimizer == "muon" and train.muon_lr * train.muon_weight_decay >= 1:
+        raise UserError(f"train.muon_weight_decay={train.muon_weight_decay} with muon_lr={train.muon_lr} shrinks the "
+                        f"Muon matrices by {train.muon_lr * train.muon_weight_decay:.3g} of themselves per step at "
+                        "the peak (p -= lr x decay x p; it must stay below 1)")
     return BatchPlan(train.micro_batch_size, seq_len, accum, world_size, steps)
 
 

@@ -53,13 +53,15 @@ def check_muon_tags(model: nn.Module, optimizer: Any) -> None:
 
 
 def optimizer_summary(model: nn.Module, train: Any) -> str:
-    """The optimizer in a few words, for the start-up line: which parameters Muon trains, at what peak lr."""
+    """The optimizer in a few words, for the start-up line: which parameters Muon trains, at what peak lr and
+    weight decay."""
     if train.optimizer != "muon":
         return f"AdamW (lr {train.lr:g})"
     muon = [p for p in model.parameters() if p.requires_grad and getattr(p, "use_muon", False)]
     rest = [p for p in model.parameters() if p.requires_grad and not getattr(p, "use_muon", False)]
-    return (f"Muon for {len(muon)} matrices ({sum(p.numel() for p in muon):,} weights, lr {train.muon_lr:g}) + "
-            f"AdamW for {len(rest)} tensors (lr {train.lr:g})")
+    decay = f", decay {train.muon_weight_decay:g}" if train.muon_weight_decay else ""
+    return (f"Muon for {len(muon)} matrices ({sum(p.numel() for p in muon):,} weights, lr {train.muon_lr:g}{decay}) "
+            f"+ AdamW for {len(rest)} tensors (lr {train.lr:g})")
 
 
 def eager_muon_update() -> None:
