@@ -80,6 +80,7 @@ def no_leftovers(request):
             warnings.warn(f"{request.node.nodeid} left {len(leaked)} job(s) running (pids "
                           f"{', '.join(map(str, leaked))}); ended them", stacklevel=1)
     left = set(SHM.glob(SHM_BUFFERS)) - before - _mapped() if SHM.is_dir() else set()
+    left = {path for path in left if _port_of(path) not in _live_ports()}
     for path in left:
         path.unlink(missing_ok=True)
     if left:
@@ -99,6 +100,28 @@ def _mapped() -> set[Path]:
         except (OSError, ValueError):
             continue
     return out
+
+
+def _port_of(buffer: Path) -> str:
+    """The rendezvous port in a buffer's name, deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>."""
+    return buffer.name.rsplit("_", 2)[-2]
+
+
+def _live_ports() -> set[str]:
+    """The MASTER_PORT of every live process: a buffer on one of these ports belongs to a job still running (a
+    concurrent test session's, whose ranks may not have mapped each other's buffers yet), never to this test's
+    ended jobs, whose ranks are gone by now."""
+    ports = set()
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if not entry.isdigit() or not _alive(int(entry)):
+            continue
+        ports.update(v[len(b"MASTER_PORT="):].decode() for v in env if v.startswith(b"MASTER_PORT="))
+    return ports
 
 
 def _alive(pid: int) -> bool:
