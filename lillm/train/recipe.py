@@ -19,7 +19,7 @@ lil-39m and lil-300m the rule is a prediction: it was measured at up to 16,384 t
 400 steps, and those runs take 524,288 tokens per step, 12 or 24 layers and 15,259 or 38,147 steps.
 `benchmarks/gpu_check.sh` (step lr_rule) runs lil-39m at 0.5x, 1x and 2x of it on a GPU to confirm or correct
 it. The rule has no term for the run's length: at 4x the tokens Muon's optimum fell to 0.71x, but a power law
-through two horizons would cut lil-39m's rates 14x, which no peer's long runs support. The measured lever across
+through two horizons would cut lil-39m's rates 13x, which no peer's long runs support. The measured lever across
 horizons is Muon's weight decay (`train.muon_weight_decay`), which the recipe does not use yet.
 """
 
