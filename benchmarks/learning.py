@@ -234,15 +234,20 @@ def debug_recipe() -> dict:
 
 RUN_OPTIONS = ("run_dir", "micro_batch_size", "grad_accum", "seq_len", "max_steps", "seed", "eval_interval",
                "eval_batches", "sample_tokens", "ckpt_interval", "log_interval", "tensorboard", "keep_checkpoints")
-"""debug.yaml's training options that lillm_run sets itself or that do not change what a run learns: they are not
-part of the recipe a row measures."""
+"""Training options that lillm_run sets itself or that do not change what a run learns: they are not part of the
+recipe a row measures."""
 
 
 def recipe_tag() -> str:
-    """A short hash of the recipe the lillm arms train with: debug.yaml's training section without RUN_OPTIONS.
-    It is part of a lillm row's cache name, so rows of an earlier shipped recipe are not reused as this one's."""
-    recipe = {k: v for k, v in debug_recipe().items() if k not in RUN_OPTIONS}
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:6]
+    """A short hash of the recipe the lillm arms train with: debug.yaml's training section over lillm's defaults
+    (the resolved TrainConfig), without RUN_OPTIONS. It is part of a lillm row's cache name, so rows of an
+    earlier recipe, shipped in the YAML or in a default, are not reused as this one's."""
+    from dataclasses import asdict
+
+    from lillm.train.config import TrainConfig
+
+    recipe = {k: v for k, v in asdict(TrainConfig(**debug_recipe())).items() if k not in RUN_OPTIONS}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:6]
 
 
 def lillm_run(model_cfg: ModelConfig, arm: str, lr: float, data_dir: Path, steps: int, seed: int, run_dir: Path,

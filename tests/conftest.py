@@ -57,7 +57,7 @@ def _leftovers() -> list[int]:
 
 
 SHM = Path("/dev/shm")
-SHM_BUFFERS = "deepspeed_allreduce_buffer_*"
+SHM_BUFFERS = f"deepspeed_allreduce_buffer_{os.getuid()}_*"  # this user's: another's cannot be unlinked here
 
 
 @pytest.fixture(autouse=True)
@@ -80,7 +80,9 @@ def no_leftovers(request):
             warnings.warn(f"{request.node.nodeid} left {len(leaked)} job(s) running (pids "
                           f"{', '.join(map(str, leaked))}); ended them", stacklevel=1)
     left = set(SHM.glob(SHM_BUFFERS)) - before - _mapped() if SHM.is_dir() else set()
-    left = {path for path in left if _port_of(path) not in _live_ports()}
+    if left:
+        live = _live_ports()
+        left = {path for path in left if _port_of(path) not in live}
     for path in left:
         path.unlink(missing_ok=True)
     if left:
@@ -108,19 +110,22 @@ def _port_of(buffer: Path) -> str:
 
 
 def _live_ports() -> set[str]:
-    """The MASTER_PORT of every live process: a buffer on one of these ports belongs to a job still running (a
-    concurrent test session's, whose ranks may not have mapped each other's buffers yet), never to this test's
-    ended jobs, whose ranks are gone by now."""
+    """The MASTER_PORT of every live rank (a process whose environment names its RANK, as DeepSpeed's launcher
+    gives each): a buffer on one of these ports belongs to a job still running, such as a concurrent test
+    session's whose ranks have not mapped each other's buffers yet. This test's ended jobs have no live rank by
+    now, and a shell or test runner that merely exports MASTER_PORT protects nothing."""
     ports = set()
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit() or not _alive(int(entry)):
+            continue
         try:
             with open(f"/proc/{entry}/environ", "rb") as f:
                 env = f.read().split(b"\0")
         except OSError:
             continue
-        if not entry.isdigit() or not _alive(int(entry)):
-            continue
-        ports.update(v[len(b"MASTER_PORT="):].decode() for v in env if v.startswith(b"MASTER_PORT="))
+        if any(v.startswith(b"RANK=") for v in env):
+            ports.update(v[len(b"MASTER_PORT="):].decode("ascii", "replace") for v in env
+                         if v.startswith(b"MASTER_PORT="))
     return ports
 
 

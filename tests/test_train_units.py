@@ -487,17 +487,17 @@ def test_max_steps_alone_keeps_the_schedule_shape():
 
 def test_a_muon_weight_decay_that_would_zero_the_weights_is_refused():
     """Muon's decoupled decay multiplies the matrices by 1 - muon_lr x decay each step: at 1 or more it zeroes or
-    flips them, so the plan refuses it in one line naming both options; the start-up line shows a decay in use."""
-    from lillm.train.config import plan_batches
+    flips them, so the config refuses it naming both options; the start-up line shows a decay in use."""
     from lillm.train.engine import optimizer_summary
 
     base = dict(optimizer="muon", grad_clip=0.0, muon_lr=0.04, max_steps=10)
-    assert plan_batches(TrainConfig(muon_weight_decay=24.0, **base), 64, 1).max_steps == 10
-    with pytest.raises(UserError, match=r"train.muon_weight_decay=25.0 with muon_lr=0.04 shrinks the Muon matrices by "
-                                        r"1 of themselves per step"):
-        plan_batches(TrainConfig(muon_weight_decay=25.0, **base), 64, 1)
-    assert plan_batches(TrainConfig(muon_weight_decay=25.0, **{**base, "optimizer": "adamw", "grad_clip": 1.0}),
-                        64, 1).max_steps == 10  # AdamW has no Muon matrices
+    assert TrainConfig(muon_weight_decay=24.0, **base).muon_weight_decay == 24.0
+    with pytest.raises(ValueError, match=r"muon_weight_decay=25.0 with muon_lr=0.04 shrinks the Muon matrices by "
+                                         r"1 of themselves per step"):
+        TrainConfig(muon_weight_decay=25.0, **base)
+    assert TrainConfig(muon_weight_decay=25.0, **{**base, "optimizer": "adamw", "grad_clip": 1.0})  # no Muon here
     model = LilLM(ModelConfig.from_preset("debug", vocab_size=512))
-    assert "lr 0.04, decay 0.4) + AdamW" in optimizer_summary(model, TrainConfig(muon_weight_decay=0.4, **base))
+    model.layers[0].attention.wq.weight.use_muon = True  # as DeepSpeed tags the Muon matrices
+    line = optimizer_summary(model, TrainConfig(muon_weight_decay=0.4, **base))
+    assert line.startswith("Muon for 1 matrices") and "lr 0.04, decay 0.4) + AdamW" in line
     assert "decay" not in optimizer_summary(model, TrainConfig(**base))

@@ -218,6 +218,10 @@ class TrainConfig:
         if self.muon_lr <= 0 or not 0 <= self.muon_momentum < 1:
             problems.append(f"need muon_lr > 0 and 0 <= muon_momentum < 1, got muon_lr={self.muon_lr} "
                             f"muon_momentum={self.muon_momentum}")
+        if self.optimizer == "muon" and self.muon_lr * self.muon_weight_decay >= 1:
+            problems.append(f"muon_weight_decay={self.muon_weight_decay} with muon_lr={self.muon_lr} shrinks the Muon "
+                            f"matrices by {self.muon_lr * self.muon_weight_decay:.3g} of themselves per step at the "
+                            "peak (p -= lr x decay x p; it must stay below 1)")
         if self.optimizer == "muon" and self.grad_clip:
             problems.append(f"grad_clip={self.grad_clip} with optimizer muon: set train.grad_clip 0 (DeepSpeed's "
                             "ZeRO Muon clips the orthogonalised updates together with the gradients, which "
@@ -271,10 +275,6 @@ def plan_batches(train: TrainConfig, seq_len: int, world_size: int) -> BatchPlan
         accum = derived
     accum = accum or 1
     steps = train.max_steps or math.ceil(train.max_tokens / (per_micro * accum))
-    if train.optimizer == "muon" and train.muon_lr * train.muon_weight_decay >= 1:
-        raise UserError(f"train.muon_weight_decay={train.muon_weight_decay} with muon_lr={train.muon_lr} shrinks the "
-                        f"Muon matrices by {train.muon_lr * train.muon_weight_decay:.3g} of themselves per step at "
-                        "the peak (p -= lr x decay x p; it must stay below 1)")
     return BatchPlan(train.micro_batch_size, seq_len, accum, world_size, steps)
 
 
