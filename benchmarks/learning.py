@@ -316,6 +316,7 @@ class Runner:
         self.args, self.threads = args, threads
         self.cache = Path(args.cache)
         self.cache.mkdir(parents=True, exist_ok=True)
+        self.recipe = recipe_tag()  # once: every lillm row's name carries it
 
     def path(self, task: tuple) -> Path:
         """A row's file; a task is (point, arm, lr, seed), or with a fifth item its own step count."""
@@ -323,9 +324,9 @@ class Runner:
         steps = task[4] if len(task) > 4 else Point.parse(width).steps(self.args.steps)
         variant = ""
         if arm != "reference":
-            variant = "-r" + recipe_tag()  # a row trained by another shipped recipe is not this recipe's row
-        if self.args.lillm_extra and arm != "reference":  # a candidate change to the recipe: rows of its own
-            variant += "-x" + hashlib.sha256(self.args.lillm_extra.encode()).hexdigest()[:8]
+            variant = "-r" + self.recipe  # a row trained by another shipped recipe is not this recipe's row
+            if self.args.lillm_extra:  # a candidate change to the recipe: rows of its own
+                variant += "-x" + hashlib.sha256(self.args.lillm_extra.encode()).hexdigest()[:8]
         return self.cache / f"{width}-{arm}{variant}-{lr:g}-s{seed}-{steps}.json"
 
     def run(self, tasks: list[tuple]) -> dict[tuple, dict]:

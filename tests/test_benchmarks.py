@@ -87,21 +87,21 @@ def test_data_scale_smoke(tmp_path):
 
 
 def test_learning_rows_are_cached_per_recipe(monkeypatch, tmp_path):
-    """A lillm row's cache name carries a hash of debug.yaml's recipe: a changed shipped recipe (an lr, a decay)
-    reruns the lillm arms instead of reusing rows it did not train, while options the benchmark sets itself
-    leave the name alone. The reference arm's rows do not depend on it."""
+    """A lillm row's cache name carries a hash of the resolved recipe (debug.yaml over lillm's defaults): a changed
+    shipped recipe (an lr, a decay) reruns the lillm arms instead of reusing rows it did not train, while options
+    the benchmark sets itself leave the name alone. The reference arm's rows do not depend on it."""
     import argparse
 
     sys.path.insert(0, str(REPO / "benchmarks"))
     import learning
 
     args = argparse.Namespace(cache=str(tmp_path), steps=0, lillm_extra="")
-    runner = learning.Runner(args, 1)
     shipped = learning.debug_recipe()
     names = {}
     for label, recipe in (("shipped", shipped), ("run options", {**shipped, "max_steps": 7, "run_dir": "x"}),
                           ("decay", {**shipped, "muon_weight_decay": 0.4})):
         monkeypatch.setattr(learning, "debug_recipe", lambda recipe=recipe: recipe)
+        runner = learning.Runner(args, 1)
         names[label] = [runner.path(("d128", arm, 1.0, 1)).name for arm in ("reference", "lillm-muon")]
     assert names["shipped"] == names["run options"] and names["shipped"][0] == names["decay"][0]
     assert names["shipped"][1] != names["decay"][1] and names["shipped"][1].startswith("d128-lillm-muon-r")
